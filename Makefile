@@ -1,0 +1,39 @@
+# Quick start: `make run` (the pipeline on the embedded default), `make test` (the test suite).
+# Both create the project environment (.venv, pinned by requirements.lock) on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+
+.PHONY: setup run test test-fast sweep lock clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install -q -p $(BIN)/python -r requirements.lock -e . --no-deps
+	@touch $@
+
+# The whole pipeline on the default config (sim engine, Azure code trace, Llama-3.1-8B on one H100).
+# Extra Hydra overrides: make run ARGS="gpu=h20 deploy=pd"
+run: setup
+	$(BIN)/dolphin run $(ARGS)
+
+# The 12-config sweep of the README.
+sweep: setup
+	$(BIN)/dolphin run -m gpu=a10,l20,h20,h100 deploy=agg,pd,spec $(ARGS)
+
+test: setup
+	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+
+# Unit tests only (no processes started).
+test-fast: setup
+	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+
+# Re-pin dependencies after editing pyproject.toml.
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev -p 3.11 -o requirements.lock --no-header -q
+
+clean:
+	rm -rf $(VENV) artifacts/runs artifacts/hydra artifacts/mlflow.db artifacts/mlruns

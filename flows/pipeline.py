@@ -1,0 +1,138 @@
+"""The `pipeline` Prefect flow: config -> measured, costed deployment.
+
+It only composes the stages in `tasks/`; each stage is a Prefect task. What a stage measured is written
+under the run directory as soon as it exists, and whatever happens later the run lands in MLflow (FAILED,
+with the reason, when a stage fails) and every engine process is stopped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow
+
+from tasks.bench.stage import bench_task
+from tasks.config import DolphinConfig, load_config
+from tasks.contracts import BenchResult, Endpoint, QuantChoice, TrackResult, WorkloadProfile
+from tasks.cost import cost_per_mtok_usd
+from tasks.kv import kv_task
+from tasks.launch import launch_task
+from tasks.profile import profile_task
+from tasks.quantize import quant_task
+from tasks.track import config_hash, track_task
+
+
+class InfeasiblePlan(RuntimeError):
+    """The memory plan cannot work; raised before anything is launched."""
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed; carries everything the stages before it produced (already tracked)."""
+
+    def __init__(self, outcome: "PipelineOutcome"):
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+@dataclass
+class PipelineOutcome:
+    """What one config produced, for the console table and the multirun summary."""
+
+    cfg: DolphinConfig
+    status: str
+    error: str | None = None
+    profile: WorkloadProfile | None = None
+    quant: QuantChoice | None = None
+    endpoint: Endpoint | None = None
+    bench: BenchResult | None = None
+    cost_per_mtok: float | None = None
+    track: TrackResult | None = None
+
+
+def run_name(cfg: DolphinConfig) -> str:
+    return f"{cfg.model.name}-{cfg.gpu.name}-{cfg.deploy.mode}-{cfg.quant.name}-{cfg.engine.kind}"
+
+
+def run_tags(cfg: DolphinConfig, resolved: dict) -> dict[str, str]:
+    return {
+        "gpu": cfg.gpu.name,
+        "deploy": cfg.deploy.mode,
+        "quant": cfg.quant.name,
+        "engine": cfg.engine.kind,
+        "model": cfg.model.name,
+        "scenario": cfg.scenario,
+        "config_hash": config_hash(resolved),
+        "simulated": str(cfg.engine.kind == "sim").lower(),
+    }
+
+
+def best_level_cost(cfg: DolphinConfig, bench: BenchResult) -> float | None:
+    if bench.best_level is None:
+        return None
+    level = next(lv for lv in bench.levels if lv.index == bench.best_level)
+    return cost_per_mtok_usd(cfg.gpu.usd_per_hour, cfg.deploy.num_gpus, level.output_tok_per_s)
+
+
+@flow(name="pipeline", flow_run_name="{resolved[scenario]}-{resolved[gpu][name]}-{resolved[deploy][mode]}")
+def pipeline(resolved: dict[str, Any]) -> PipelineOutcome:
+    """profile -> kv lower bound -> quantization -> launch -> SLO benchmark -> track."""
+    cfg = load_config(resolved)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    out = PipelineOutcome(cfg=cfg, status="RUNNING")
+    try:
+        out.profile = profile_task(cfg.workload, cfg.slo, run_dir / "profile")
+        plans = kv_task(cfg.model, cfg.gpu, cfg.deploy, cfg.quant, out.profile, cfg.slo)
+        out.quant = quant_task(plans, cfg.gpu, cfg.quant)
+        (run_dir / "plan.json").write_text(out.quant.model_dump_json(indent=2))
+        if not out.quant.plan.feasible:
+            raise InfeasiblePlan(out.quant.plan.reason)
+
+        handle = launch_task(cfg, out.quant, run_dir)
+        try:
+            out.endpoint = handle.endpoint
+            out.bench = bench_task(
+                handle, out.profile, out.quant, cfg.model, cfg.gpu, cfg.bench, cfg.slo, cfg.workload, run_dir
+            )
+            handle.check_alive()  # an engine that died mid-run invalidates what was measured after
+        finally:
+            handle.stop()
+        out.cost_per_mtok = best_level_cost(cfg, out.bench)
+        out.status = "FINISHED"
+    except BaseException as exc:  # Ctrl-C too: record what was measured, then stop
+        out.status, out.error = "FAILED", f"{type(exc).__name__}: {exc}"
+        try:
+            out.track = _track(out, resolved, run_dir)
+        except Exception as track_exc:  # keep the original failure as the one reported
+            out.error += f" (and tracking failed: {track_exc})"
+        if isinstance(exc, Exception):
+            raise PipelineFailed(out) from exc
+        raise
+    out.track = _track(out, resolved, run_dir)
+    return out
+
+
+def _track(out: PipelineOutcome, resolved: dict, run_dir: Path) -> TrackResult:
+    extra = {"cost_per_mtok_usd": out.cost_per_mtok} if out.cost_per_mtok is not None else {}
+    if out.bench:  # engine-side counters, e.g. engine_vllm_num_preemptions_total
+        extra |= {"engine_" + k.replace(":", "_"): v for k, v in out.bench.engine_metrics.items()}
+    (run_dir / "summary.json").write_text(json.dumps({"status": out.status, "error": out.error, **extra}))
+    return track_task(
+        resolved=resolved,
+        tags=run_tags(out.cfg, resolved),
+        run_name=run_name(out.cfg),
+        tracking=out.cfg.tracking,
+        run_dir=run_dir,
+        profile=out.profile,
+        quant=out.quant,
+        endpoint=out.endpoint,
+        bench=out.bench,
+        extra_metrics=extra,
+        status=out.status,
+        error=out.error,
+    )

@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each, and the libraries they share."""

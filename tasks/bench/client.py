@@ -1,0 +1,217 @@
+"""Streaming request functions for OpenAI-compatible servers, one per API (as vLLM's
+`vllm/benchmarks/lib/endpoint_request_func.py`).
+
+They measure wall-clock seconds with `time.perf_counter` and never raise: a failure is a record with
+ok=False and `error` = "<class>: <detail>", class one of ERROR_CLASSES. Engine-time conversion is done
+by `tasks.bench.metrics`, not here.
+
+The SSE parser is cheap on purpose (one client process drives thousands of chunks/s): chunks are only
+json-decoded until the first token and for the usage chunk; every other `data:` line is counted by a
+byte test.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+
+from tasks.contracts import BenchRequest
+
+ERROR_CLASSES = ("http", "timeout", "connection", "truncated", "server", "empty", "client")
+
+
+@dataclass
+class RequestRecord:
+    """One request as measured. Times in seconds; latencies count from `scheduled_s`, not the send."""
+
+    level: int
+    request_id: int
+    scheduled_s: float  # offset of the scheduled send from the level start
+    send_lag_s: float  # actual send - scheduled send
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    e2el_s: float | None = None  # for failures: time until the failure
+    itl_s: list[float] = field(default_factory=list)
+    ok: bool = False
+    error: str | None = None
+    tpot_s: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Derived, so `dataclasses.replace` (time scaling) keeps it consistent.
+        if self.ok and self.output_tokens > 1 and self.ttft_s is not None and self.e2el_s is not None:
+            self.tpot_s = (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RequestRecord":
+        return cls(**{k: v for k, v in d.items() if k != "tpot_s"})
+
+
+def load_records(path: str | Path) -> list[RequestRecord]:
+    """Read a requests.jsonl written by the SLO search."""
+    with open(path) as f:
+        return [RequestRecord.from_dict(json.loads(line)) for line in f if line.strip()]
+
+
+def _completion_text(msg: dict) -> str | None:
+    choices = msg.get("choices")
+    return choices[0].get("text") if choices else None
+
+
+def _chat_text(msg: dict) -> str | None:
+    choices = msg.get("choices")
+    if not choices:
+        return None
+    delta = choices[0].get("delta") or {}
+    return delta.get("content") or delta.get("reasoning_content")
+
+
+class _Stream:
+    """State of one SSE response: token timestamps, usage, [DONE]."""
+
+    def __init__(self, start: float, text_of: Callable[[dict], str | None]):
+        self.start = start
+        self.text_of = text_of
+        self.ttft: float | None = None
+        self.last_token = 0.0
+        self.last_data = start
+        self.itl: list[float] = []
+        self.chunks = 0
+        self.usage: dict | None = None
+        self.done = False
+        self.error: str | None = None
+
+    def _token(self, t: float) -> None:
+        self.chunks += 1
+        if self.ttft is None:
+            self.ttft = t - self.start
+        else:
+            self.itl.append(t - self.last_token)
+        self.last_token = t
+
+    def feed(self, line: bytes, t: float) -> None:
+        if not line.startswith(b"data:"):
+            return  # blank event separators, comments, `event:` lines
+        body = line[5:].strip()
+        if body == b"[DONE]":
+            self.done = True
+            return
+        self.last_data = t
+        # Fast path: after the first token a chunk is a token unless it carries usage or an error.
+        # A false match (a token whose text is literally "error") only costs one json.loads.
+        if self.ttft is not None and b'"completion_tokens"' not in body and b'"error"' not in body:
+            self._token(t)
+            return
+        msg = json.loads(body)
+        if msg.get("error") or msg.get("object") == "error":  # {"error": {...}} or vLLM's older ErrorResponse
+            err = msg.get("error") or msg
+            self.error = f"server: {err.get('message', err) if isinstance(err, dict) else err}"
+            return
+        if self.text_of(msg) or (self.ttft is not None and msg.get("choices")):
+            self._token(t)
+        if msg.get("usage"):
+            self.usage = msg["usage"]
+
+
+async def _stream_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: dict,
+    text_of: Callable[[dict], str | None],
+    req: BenchRequest,
+    timeout_s: float,
+    level: int,
+    request_id: int,
+    scheduled_s: float,
+    start: float | None,
+) -> RequestRecord:
+    start = time.perf_counter() if start is None else start
+    sent = time.perf_counter()
+    st = _Stream(start, text_of)
+    got_headers = False
+    try:
+        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                st.error = f"http: status {resp.status}: {(await resp.text())[:200]}"
+            else:
+                got_headers = True
+                buf = b""
+                async for data in resp.content.iter_any():
+                    t = time.perf_counter()  # one timestamp per read: chunks read together arrived together
+                    *lines, buf = (buf + data).split(b"\n")
+                    for line in lines:
+                        st.feed(line, t)
+                    if st.error:
+                        break
+                if buf and not st.error:
+                    st.feed(buf, time.perf_counter())
+    except TimeoutError:  # asyncio.TimeoutError is TimeoutError on 3.11; aiohttp's timeouts subclass it
+        st.error = f"timeout: no complete response within {timeout_s:.3g}s"
+    except aiohttp.ClientPayloadError as exc:
+        st.error = f"truncated: {exc}"
+    except aiohttp.ClientConnectionError as exc:
+        st.error = f"{'truncated' if got_headers else 'connection'}: {type(exc).__name__}: {exc}"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        st.error = f"server: unparseable chunk: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a request never takes the whole level down
+        st.error = f"client: {type(exc).__name__}: {exc}"
+    if st.error is None and not st.done:
+        st.error = "truncated: stream ended without [DONE]"
+    if st.error is None and st.ttft is None:
+        st.error = "empty: no tokens streamed"
+    usage = st.usage or {}
+    ok = st.error is None
+    return RequestRecord(
+        level=level,
+        request_id=request_id,
+        scheduled_s=scheduled_s,
+        send_lag_s=sent - start,
+        prompt_tokens=int(usage.get("prompt_tokens") or req.prompt_tokens),
+        output_tokens=int(usage.get("completion_tokens") or st.chunks),
+        ttft_s=st.ttft,
+        e2el_s=(st.last_data if ok else time.perf_counter()) - start,
+        itl_s=st.itl,
+        ok=ok,
+        error=st.error,
+    )
+
+
+_COMMON = {"stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+
+
+async def request_completions(
+    session: aiohttp.ClientSession, base_url: str, model: str, req: BenchRequest, timeout_s: float,
+    *, level: int = 0, request_id: int = 0, scheduled_s: float = 0.0, start: float | None = None,
+) -> RequestRecord:
+    """POST /v1/completions. `start`: the perf_counter time latencies count from (default: now)."""
+    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, **_COMMON}
+    return await _stream_request(session, base_url.rstrip("/") + "/v1/completions", payload, _completion_text,
+                                 req, timeout_s, level, request_id, scheduled_s, start)
+
+
+async def request_chat(
+    session: aiohttp.ClientSession, base_url: str, model: str, req: BenchRequest, timeout_s: float,
+    *, level: int = 0, request_id: int = 0, scheduled_s: float = 0.0, start: float | None = None,
+) -> RequestRecord:
+    """POST /v1/chat/completions with the prompt as one user message."""
+    payload = {"model": model, "messages": [{"role": "user", "content": req.prompt}],
+               "max_tokens": req.max_tokens, **_COMMON}
+    return await _stream_request(session, base_url.rstrip("/") + "/v1/chat/completions", payload, _chat_text,
+                                 req, timeout_s, level, request_id, scheduled_s, start)
+
+
+RequestFn = Callable[..., Awaitable[RequestRecord]]
+REQUEST_FUNCS: dict[str, RequestFn] = {"completions": request_completions, "chat": request_chat}
+
+
+def new_session() -> aiohttp.ClientSession:
+    """One per level: no connection limit, so arrivals are never queued client-side."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+def error_class(record: RequestRecord) -> str | None:
+    return record.error.split(":", 1)[0] if record.error else None

@@ -1,0 +1,277 @@
+"""Max-sustainable-QPS search: run Poisson load levels against an endpoint until the SLO breaks, then
+bisect between the last good and the first bad rate.
+
+Open loop, no coordinated omission: every request is scheduled up front and its latencies count from
+its scheduled time, however late the client sends it (the lag is recorded). Rates, latencies and
+timeouts are in engine time (see `tasks.bench.metrics` for the clock conversion).
+
+A level stops as soon as its verdict is certain to be "violated" (`EarlyVerdict`): no further sends, and
+requests in flight are cancelled and recorded as failed with error class "cancelled"; requests never sent
+have no record. A level that holds its SLO always runs every request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Coroutine, Generator, TypeVar
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tasks.bench.client import REQUEST_FUNCS, RequestFn, RequestRecord, new_session
+from tasks.bench.load import poisson_arrivals
+from tasks.bench.metrics import (
+    CANCELLED, EarlyVerdict, summarize_level, to_engine_record, to_engine_s, to_wall_s,
+)
+from tasks.config import BenchConfig, SLOConfig
+from tasks.contracts import BenchRequest, BenchResult, Endpoint, LevelResult
+
+T = TypeVar("T")
+STEP_DOWN_LEVELS = 3  # when the first level fails, try start / growth**k for k = 1..3
+CHECK_INTERVAL_WALL_S = 0.05  # how often in-flight requests are checked against the E2EL bounds
+# A record's E2EL ends at its last data chunk, and [DONE] may trail it: an in-flight request counts as
+# over an E2EL bound only this much (wall) after it, so one finishing just under the bound never does.
+DONE_GUARD_WALL_S = 0.05
+
+
+def search_qps(start: float, growth: float, tolerance: float, max_levels: int) -> Generator[float, bool, None]:
+    """The QPS levels to run, as a generator that is sent each level's verdict (True = SLO met).
+
+    Ramp up by `growth` until a level fails; if the very first fails, step down by `growth` (at most
+    STEP_DOWN_LEVELS times) until one holds; then bisect between the highest good and lowest bad rate
+    until (bad - good) / good < tolerance. Never more than `max_levels` levels.
+    """
+    run = 0
+    good = bad = None
+    qps = start
+    while run < max_levels:
+        met = yield qps
+        run += 1
+        if not met:
+            bad = qps
+            break
+        good, qps = qps, qps * growth
+    if good is None and bad is not None:
+        floor = start / growth**STEP_DOWN_LEVELS
+        qps = bad / growth
+        while run < max_levels and qps >= floor * (1 - 1e-9):
+            met = yield qps
+            run += 1
+            if met:
+                good = qps
+                break
+            bad, qps = qps, qps / growth
+    while good is not None and bad is not None and run < max_levels and (bad - good) / good >= tolerance:
+        mid = (good + bad) / 2
+        met = yield mid
+        run += 1
+        good, bad = (mid, bad) if met else (good, mid)
+
+
+def level_requests(requests: list[BenchRequest], n: int, rng: np.random.Generator) -> list[BenchRequest]:
+    """n requests cycling through a seeded permutation of the dataset."""
+    return [requests[i] for i in np.resize(rng.permutation(len(requests)), n)]
+
+
+class _LevelProgress:
+    """A rich progress row per level (stderr): done/total, target QPS, running p99 E2EL (engine ms)."""
+
+    def __init__(self, progress: Progress | None, index: int, qps: float, total: int, time_scale: float):
+        self.progress, self.time_scale = progress, time_scale
+        self.e2el_ms: list[float] = []
+        self.task = None
+        if progress is not None:
+            self.task = progress.add_task(f"level {index} @ {qps:.3g} qps", total=total, p99="-")
+
+    def done(self, rec: RequestRecord) -> None:
+        if self.progress is None:
+            return
+        if rec.ok and rec.e2el_s is not None:
+            self.e2el_ms.append(to_engine_s(rec.e2el_s, self.time_scale) * 1e3)
+        p99 = f"p99 e2el {np.percentile(self.e2el_ms, 99):.0f} ms" if self.e2el_ms else "-"
+        self.progress.update(self.task, advance=1, p99=p99)
+
+
+@dataclass
+class LevelRun:
+    records: list[RequestRecord]  # the sent requests, in request order (wall clock)
+    duration_wall: float  # the level start to its last response (or to the cancellations)
+    decided: str | None  # why the level stopped early; None when every request ran
+
+
+def _cancelled_record(req: BenchRequest, index: int, i: int, offset: float, lag: float, age: float) -> RequestRecord:
+    return RequestRecord(level=index, request_id=i, scheduled_s=offset, send_lag_s=lag,
+                         prompt_tokens=req.prompt_tokens, e2el_s=age, ok=False,
+                         error=f"{CANCELLED}: in flight when the level's SLO verdict was decided")
+
+
+async def run_level(
+    fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], offsets_wall: np.ndarray, timeout_wall: float,
+    index: int, on_done: Callable[[RequestRecord], None] = lambda r: None, verdict: EarlyVerdict | None = None,
+) -> LevelRun:
+    """Send reqs[i] at offsets_wall[i] after the level start. With a `verdict`, stop as soon as it is
+    decided: the counters are checked as each request finishes, the in-flight ones every
+    CHECK_INTERVAL_WALL_S against the E2EL bounds."""
+    offsets = np.asarray(offsets_wall, dtype=float)
+    records: list[RequestRecord | None] = [None] * len(reqs)
+    finished = np.zeros(len(reqs), dtype=bool)
+    why: list[str] = []
+    tasks: list[asyncio.Task] = []
+
+    def stop(reason: str) -> None:
+        if not why:
+            why.append(reason)
+            me = asyncio.current_task()
+            for t in tasks:
+                if t is not me:
+                    t.cancel()
+
+    async with new_session() as session:
+        t0 = time.perf_counter()
+
+        async def one(i: int, req: BenchRequest, offset: float) -> None:
+            start = t0 + offset
+            delay = start - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # cancelled here: never sent, no record
+            sent = time.perf_counter()
+            try:
+                rec = await fn(session, endpoint.base_url, endpoint.model_name, req, timeout_wall,
+                               level=index, request_id=i, scheduled_s=offset, start=start)
+            except asyncio.CancelledError:
+                records[i] = _cancelled_record(req, index, i, offset, sent - start, time.perf_counter() - start)
+                raise
+            records[i], finished[i] = rec, True
+            on_done(rec)
+            if verdict is not None:
+                verdict.add(rec)
+                if reason := verdict.decided():
+                    stop(reason)
+
+        async def watch(bounds_wall: dict[str, float]) -> None:
+            while not why:
+                await asyncio.sleep(CHECK_INTERVAL_WALL_S)
+                age = time.perf_counter() - t0 - offsets  # from the scheduled send, sent or not
+                over = {k: int(np.count_nonzero((age > b + DONE_GUARD_WALL_S) & ~finished))
+                        for k, b in bounds_wall.items()}
+                if reason := verdict.decided(over):
+                    stop(reason)
+
+        tasks += [asyncio.create_task(one(i, r, float(o))) for i, (r, o) in enumerate(zip(reqs, offsets))]
+        bounds = verdict.e2el_bounds_wall_s() if verdict is not None else {}
+        watcher = asyncio.create_task(watch(bounds)) if bounds else None
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # also when we are cancelled ourselves: leave no task behind
+            for t in tasks:
+                t.cancel()
+            if watcher:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+        duration = time.perf_counter() - t0
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            raise r
+    return LevelRun([r for r in records if r is not None], duration, why[0] if why else None)
+
+
+async def warmup(fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], timeout_wall: float) -> None:
+    """Sequential requests before the first level (connections, engine caches); not recorded."""
+    async with new_session() as session:
+        for i, req in enumerate(reqs):
+            await fn(session, endpoint.base_url, endpoint.model_name, req, timeout_wall, level=-1, request_id=i)
+
+
+def _append_records(path: Path, records: list[RequestRecord], time_scale: float) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(asdict(to_engine_record(r, time_scale))) + "\n" for r in records)
+        f.flush()
+
+
+async def _search(
+    endpoint: Endpoint, requests: list[BenchRequest], bench: BenchConfig, slo: SLOConfig, records_path: Path,
+    start_qps: float, on_level: Callable[[LevelResult], None] | None, progress: Progress | None,
+) -> list[LevelResult]:
+    fn = REQUEST_FUNCS[bench.endpoint]
+    ts = endpoint.time_scale
+    timeout_wall = float(to_wall_s(bench.request_timeout_s, ts))
+    if bench.warmup_requests:
+        await warmup(fn, endpoint, [requests[i % len(requests)] for i in range(bench.warmup_requests)], timeout_wall)
+    levels: list[LevelResult] = []
+    plan = search_qps(start_qps, bench.growth, bench.bisect_tolerance, bench.max_levels)
+    verdict = None
+    while True:
+        try:
+            qps = plan.send(verdict) if levels else next(plan)
+        except StopIteration:
+            return levels
+        index = len(levels)
+        rng = np.random.default_rng(bench.seed + index)
+        n = max(bench.requests_per_level, math.ceil(bench.min_level_duration_s * qps))
+        reqs = level_requests(requests, n, rng)
+        offsets_wall = to_wall_s(poisson_arrivals(qps, n, rng), ts)
+        bar = _LevelProgress(progress, index, qps, n, ts)
+        early = EarlyVerdict(n, dict(slo.targets), ts)
+        run = await run_level(fn, endpoint, reqs, offsets_wall, timeout_wall, index, bar.done, early)
+        _append_records(records_path, run.records, ts)
+        level = summarize_level(index, qps, run.records, run.duration_wall, dict(slo.targets), ts, run.decided)
+        levels.append(level)
+        verdict = level.slo_met
+        if on_level is not None:
+            on_level(level)
+
+
+def _run_sync(coro: Coroutine[None, None, T]) -> T:
+    """asyncio.run, also from a thread whose loop is already running (then on a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def run_slo_search(
+    endpoint: Endpoint,
+    requests: list[BenchRequest],
+    bench: BenchConfig,
+    slo: SLOConfig,
+    out_dir: Path,
+    start_qps_hint: float | None = None,
+    on_level: Callable[[LevelResult], None] | None = None,
+    quiet: bool = False,
+) -> BenchResult:
+    """Find the highest Poisson QPS (engine time) at which every SLO target holds. Request records go to
+    out_dir/requests.jsonl (engine time, one line per request, appended as each level ends)."""
+    if not requests:
+        raise ValueError("run_slo_search needs at least one request")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / "requests.jsonl"
+    records_path.write_text("")  # one search, one file
+    start = bench.start_qps or start_qps_hint or 1.0
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[p99]}"),
+        TimeElapsedColumn(), console=console, disable=quiet or not console.is_terminal,
+    )
+    with progress:
+        levels = _run_sync(_search(endpoint, requests, bench, slo, records_path, start, on_level,
+                                   None if progress.disable else progress))
+    good = [lv for lv in levels if lv.slo_met]
+    best = max(good, key=lambda lv: lv.target_qps) if good else None
+    return BenchResult(
+        slo_targets=dict(slo.targets),
+        levels=levels,
+        max_sustainable_qps=best.target_qps if best else 0.0,
+        best_level=best.index if best else None,
+        records_path=str(records_path),
+        time_scale=endpoint.time_scale,
+        simulated=endpoint.simulated,
+    )

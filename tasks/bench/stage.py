@@ -1,0 +1,49 @@
+"""Stage 5 entry: build the scenario dataset, then search for the highest QPS that holds the SLO."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.bench.engine_metrics import scrape
+from tasks.bench.search import run_slo_search
+from tasks.catalog import GpuSpec, ModelArch
+from tasks.config import BenchConfig, SLOConfig, WorkloadConfig
+from tasks.contracts import BenchResult, LevelResult, QuantChoice, WorkloadProfile
+from tasks.dataset import build_dataset
+from tasks.launch import EngineHandle
+from tasks.perf_model import PerfModel
+
+# Distinct requests per run; levels cycle through them.
+MAX_DISTINCT_REQUESTS = 2000
+
+
+def start_qps_hint(quant: QuantChoice, profile: WorkloadProfile, model: ModelArch, gpu: GpuSpec) -> float:
+    """Half the performance model's capacity estimate: the ramp then brackets the limit in a few levels."""
+    plan = quant.plan
+    perf = PerfModel(model, gpu, quant.weights_dtype, quant.kv_dtype, tp=plan.tp)
+    capacity = perf.capacity_qps(profile.input_tokens.mean, profile.output_tokens.mean,
+                                 plan.knobs.max_num_seqs, plan.kv_capacity_tokens)
+    return max(0.05, 0.5 * capacity)
+
+
+@task(name="slo-benchmark", cache_policy=NO_CACHE)
+def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoice, model: ModelArch,
+               gpu: GpuSpec, bench: BenchConfig, slo: SLOConfig, workload: WorkloadConfig,
+               run_dir: Path) -> BenchResult:
+    requests = build_dataset(
+        profile,
+        n=min(MAX_DISTINCT_REQUESTS, 2 * bench.requests_per_level),
+        seed=bench.seed,
+        max_model_len=quant.plan.knobs.max_model_len,
+        shared_prefix_len=workload.shared_prefix_len or None,
+    )
+
+    def after_level(level: LevelResult) -> None:
+        handle.check_alive()  # a dead engine fails the stage with its log tail, not a silent 0 QPS
+
+    hint = start_qps_hint(quant, profile, model, gpu)
+    result = run_slo_search(handle.endpoint, requests, bench, slo, run_dir, start_qps_hint=hint,
+                            on_level=after_level)
+    return result.model_copy(update={"engine_metrics": scrape(handle.endpoint.base_url)})

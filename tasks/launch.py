@@ -1,0 +1,249 @@
+"""Launch stage: start the engine's server processes and hand back an Endpoint plus a handle that always
+tears them down.
+
+Every server runs in its own process group (so a stop reaches its children too) and is registered here
+until stopped; an atexit hook stops whatever is still registered, and the sim engine also watches our PID
+and exits if we vanish. We only ever signal process groups we started, by PID.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import DolphinConfig
+from tasks.contracts import Endpoint, QuantChoice
+
+LISTEN_RE = re.compile(r"listening on (http://[\w.\-:\[\]]+)")
+
+
+class EngineError(RuntimeError):
+    """The engine could not start, or died; the message carries its log tail."""
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, wait up to grace_s, then SIGKILL it."""
+        if self.popen.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # The leader may be gone while children of its group linger: kill the group regardless.
+        _signal_group(self.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _LIVE.pop(self.pid, None)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_LIVE: dict[int, ManagedProcess] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def stop_all() -> None:
+    """Stop every process this Python process started and has not stopped yet."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE.values())
+    for proc in procs:
+        proc.stop(grace_s=3.0)
+
+
+atexit.register(stop_all)
+
+
+def start_process(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # own process group: Ctrl-C reaches us, and we stop it
+        )
+    proc = ManagedProcess(name=name, argv=argv, log_path=log_path, popen=popen)
+    with _LIVE_LOCK:
+        _LIVE[popen.pid] = proc
+    return proc
+
+
+@dataclass
+class EngineHandle:
+    """The live servers behind an Endpoint. Use as a context manager, or call stop() in a finally."""
+
+    endpoint: Endpoint
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def check_alive(self) -> None:
+        for proc in self.processes:
+            _fail_if_dead(proc, "while serving")
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+    def __enter__(self) -> "EngineHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _fail_if_dead(proc: ManagedProcess, when: str) -> None:
+    if not proc.alive():
+        raise EngineError(
+            f"{proc.name} exited with code {proc.popen.returncode} {when}; "
+            f"log {proc.log_path}:\n{log_tail(proc.log_path)}"
+        )
+
+
+def _timed_out(proc: ManagedProcess, timeout_s: float) -> EngineError:
+    return EngineError(
+        f"{proc.name} not ready after {timeout_s:.0f} s (engine.startup_timeout_s); "
+        f"log {proc.log_path}:\n{log_tail(proc.log_path)}"
+    )
+
+
+def wait_for_http(proc: ManagedProcess, url: str, timeout_s: float) -> None:
+    """Poll `url` until it answers 200, failing early if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _fail_if_dead(proc, "during startup")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise _timed_out(proc, timeout_s)
+
+
+def wait_until_ready(proc: ManagedProcess, timeout_s: float) -> str:
+    """Wait for the server's 'listening on URL' line, then for /health; return the base URL."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _fail_if_dead(proc, "during startup")
+        match = LISTEN_RE.search(proc.log_path.read_text(errors="replace"))
+        if match:
+            wait_for_http(proc, f"{match.group(1)}/health", max(0.1, deadline - time.monotonic()))
+            return match.group(1)
+        time.sleep(0.05)
+    raise _timed_out(proc, timeout_s)
+
+
+def launch_sim(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
+    from tasks.engines.sim_server import SimSpec
+
+    plan, deploy = choice.plan, cfg.deploy
+    spec = SimSpec(
+        model=cfg.model,
+        gpu=cfg.gpu,
+        weights_dtype=choice.weights_dtype,
+        kv_dtype=choice.kv_dtype,
+        mode=deploy.mode,
+        tp=deploy.tp,
+        prefill_instances=deploy.prefill.instances,
+        prefill_tp=deploy.prefill.tp,
+        decode_instances=deploy.decode.instances,
+        decode_tp=deploy.decode.tp,
+        num_speculative_tokens=deploy.num_speculative_tokens,
+        acceptance_rate=deploy.acceptance_rate,
+        kv_capacity_tokens=plan.kv_capacity_tokens,
+        block_size=plan.knobs.block_size,
+        max_num_seqs=plan.knobs.max_num_seqs,
+        max_num_batched_tokens=plan.knobs.max_num_batched_tokens,
+        max_model_len=plan.knobs.max_model_len,
+        served_model_name=cfg.model.hf_id or cfg.model.name,
+        host=cfg.engine.host,
+        port=cfg.engine.port or 0,  # 0: the server binds a free port and prints it
+        time_scale=cfg.engine.time_scale,
+        step_overhead_ms=cfg.engine.step_overhead_ms,
+        crash_after_requests=cfg.engine.crash_after_requests,
+        parent_pid=os.getpid(),
+        seed=cfg.workload.seed,
+    )
+    engine_dir = run_dir / "engine"
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = engine_dir / "sim_spec.json"
+    spec.write(spec_path)
+    argv = [sys.executable, "-m", "tasks.engines.sim_server", "--spec", str(spec_path)]
+    proc = start_process("sim-engine", argv, engine_dir / "sim_engine.log", env={"PYTHONUNBUFFERED": "1"})
+    handle = EngineHandle(
+        endpoint=Endpoint(  # filled in once the server says where it listens
+            engine="sim", deploy=deploy.mode, base_url="", model_name=spec.served_model_name,
+            commands=[shlex.join(argv)], log_paths=[str(proc.log_path)], pids=[proc.pid],
+            simulated=True, time_scale=cfg.engine.time_scale,
+        ),
+        processes=[proc],
+    )
+    try:
+        base_url = wait_until_ready(proc, cfg.engine.startup_timeout_s)
+    except BaseException:
+        handle.stop()
+        raise
+    handle.endpoint = handle.endpoint.model_copy(update={"base_url": base_url})
+    (engine_dir / "commands.txt").write_text("\n".join(handle.endpoint.commands) + "\n")
+    return handle
+
+
+LAUNCHERS = {"sim": launch_sim}
+
+
+def launch_engine(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
+    try:
+        launcher = LAUNCHERS[cfg.engine.kind]
+    except KeyError:
+        raise EngineError(
+            f"engine={cfg.engine.kind} cannot launch yet; available: {', '.join(LAUNCHERS)}"
+        ) from None
+    return launcher(cfg, choice, run_dir)
+
+
+@task(name="launch", cache_policy=NO_CACHE)
+def launch_task(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
+    """Stage 4: start the engine for the chosen plan; the caller must stop() the handle."""
+    return launch_engine(cfg, choice, run_dir)

@@ -1,0 +1,31 @@
+"""Absolute paths, and the OmegaConf resolver that makes config paths absolute.
+
+Hydra may run jobs elsewhere (a launcher's worker, a Prefect worker), so every path in a resolved config
+is absolute: `${root:data/x.csv}` resolves against the repository root (or $DOLPHIN_HOME if set).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def home() -> Path:
+    """Where relative paths resolve: $DOLPHIN_HOME, else the repository root."""
+    return Path(os.environ.get("DOLPHIN_HOME") or REPO_ROOT).resolve()
+
+
+def resolve_root(rel: str = "") -> str:
+    p = Path(rel)
+    # Shipped data always comes from the repository; outputs go under DOLPHIN_HOME.
+    base = REPO_ROOT if p.parts[:1] == ("data",) else home()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("root"):
+        OmegaConf.register_new_resolver("root", resolve_root)

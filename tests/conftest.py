@@ -1,0 +1,93 @@
+"""Shared fixtures: a real Prefect server for the session, and a way to run the `dolphin` CLI the way a
+user does, in an isolated DOLPHIN_HOME."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tasks.paths import REPO_ROOT
+
+BIN = Path(sys.executable).parent
+DOLPHIN = str(BIN / "dolphin")
+# Small, fast benchmark settings for tests; the search logic is the same as the default's.
+FAST = ["bench=quick", "engine.time_scale=10"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(
+        DOLPHIN_HOME=str(home),
+        PREFECT_HOME=str(home / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """A real `prefect server` on 127.0.0.1 for the whole session; stopped by PID at the end."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = base_env(home)
+    env["PREFECT_UI_ENABLED"] = "false"
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()
+
+
+def run_dolphin(args: list[str], home: Path, api_url: str | None = None, timeout: float = 400,
+                **popen_kwargs) -> subprocess.CompletedProcess:
+    env = base_env(home)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return subprocess.run([DOLPHIN, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, **popen_kwargs)
+
+
+def engine_processes(home: Path) -> list[psutil.Process]:
+    """Live engine processes whose command line points into this test's DOLPHIN_HOME."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "tasks.engines.sim_server" in cmd and str(home) in cmd:
+            found.append(proc)
+    return found

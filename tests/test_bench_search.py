@@ -1,0 +1,108 @@
+"""The QPS search plan, the client's error classes, and a whole SLO search against a single-queue server
+on 127.0.0.1 whose capacity is known."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from tests.bench_servers import bench_server, fetch, free_closed_port
+
+from tasks.bench.client import error_class, request_chat, request_completions
+from tasks.bench.search import run_slo_search, search_qps
+from tasks.config import BenchConfig, SLOConfig
+from tasks.contracts import BenchRequest, Endpoint
+
+SERVICE_WALL_S = 0.01
+TIME_SCALE = 10.0  # the queue serves one request per >= 0.1 engine seconds: capacity <= 10 engine QPS
+REQS = [BenchRequest(prompt=" ".join(["ba"] * n), prompt_tokens=n, max_tokens=4) for n in (3, 5, 8)]
+
+
+def drive(plan, holds) -> list[tuple[float, bool]]:
+    """Run a search plan against a pure verdict function; return (qps, met) per level."""
+    levels, verdict = [], None
+    try:
+        qps = next(plan)
+        while True:
+            verdict = holds(qps)
+            levels.append((qps, verdict))
+            qps = plan.send(verdict)
+    except StopIteration:
+        return levels
+
+
+# ---------------------------------------------------------------- search plan
+def test_plan_ramps_then_bisects_to_tolerance():
+    levels = drive(search_qps(1.0, 2.0, 0.1, 20), lambda q: q <= 7.3)
+    assert [q for q, _ in levels[:4]] == [1.0, 2.0, 4.0, 8.0]
+    good = max(q for q, met in levels if met)
+    bad = min(q for q, met in levels if not met)
+    assert good <= 7.3 < bad and (bad - good) / good < 0.1
+
+
+def test_plan_steps_down_when_first_level_fails():
+    levels = drive(search_qps(10.0, 2.0, 0.1, 20), lambda q: q <= 2.0)
+    assert [q for q, _ in levels[:4]] == [10.0, 5.0, 2.5, 1.25]
+    assert max(q for q, met in levels if met) == pytest.approx(2.0, rel=0.1)
+
+
+def test_plan_gives_up_below_start_over_growth_cubed_and_respects_max_levels():
+    assert [q for q, _ in drive(search_qps(8.0, 2.0, 0.1, 20), lambda q: False)] == [8.0, 4.0, 2.0, 1.0]
+    assert len(drive(search_qps(1.0, 2.0, 0.1, 3), lambda q: True)) == 3
+    assert len(drive(search_qps(1.0, 2.0, 0.01, 5), lambda q: q < 3)) == 5
+
+
+# ---------------------------------------------------------------- error classes on real HTTP
+@pytest.fixture(scope="module")
+def server() -> str:
+    with bench_server(ttft=0.01, itl=0.005, service=SERVICE_WALL_S) as url:
+        yield url
+
+
+@pytest.mark.parametrize("fn", [request_completions, request_chat])
+@pytest.mark.parametrize("model,cls", [("error500", "http"), ("truncate", "truncated"), ("abort", "truncated"),
+                                       ("hang", "timeout")])
+def test_errors_become_failed_records(server, fn, model, cls):
+    [rec] = fetch(fn, server, model, REQS[:1], timeout_s=0.3)
+    assert not rec.ok and error_class(rec) == cls, rec.error
+    assert rec.tpot_s is None
+    if cls == "http":
+        assert "500" in rec.error
+    if cls == "timeout":
+        assert 0.3 <= rec.e2el_s < 1.0
+
+
+def test_connection_refused_is_a_connection_error():
+    [rec] = fetch(request_completions, f"http://127.0.0.1:{free_closed_port()}", "stream", REQS[:1])
+    assert not rec.ok and error_class(rec) == "connection", rec.error
+
+
+# ---------------------------------------------------------------- whole search
+def test_search_finds_capacity_of_single_queue(server, tmp_path):
+    endpoint = Endpoint(engine="test", deploy="agg", base_url=server, model_name="queue", commands=[],
+                        log_paths=[], pids=[], simulated=True, time_scale=TIME_SCALE)
+    bench = BenchConfig(requests_per_level=60, warmup_requests=2, start_qps=3.0, growth=2.0, max_levels=6,
+                        bisect_tolerance=0.25, request_timeout_s=30.0, seed=3)
+    # p90, not p99: a 60-request level's p99 is its worst Poisson cluster, too noisy to pin a capacity.
+    slo = SLOConfig(targets={"e2el_ms_p90": 400})
+    seen = []
+    with ThreadPoolExecutor(1) as pool:  # as a flow runs it: from a worker thread with no event loop
+        result = pool.submit(run_slo_search, endpoint, REQS, bench, slo, tmp_path, None, seen.append, True).result()
+
+    capacity = 1 / (SERVICE_WALL_S * TIME_SCALE)
+    assert 3.0 <= result.max_sustainable_qps < capacity
+    assert [lv.index for lv in result.levels] == list(range(len(result.levels))) and seen == result.levels
+    best = result.levels[result.best_level]
+    assert best.slo_met and best.target_qps == result.max_sustainable_qps
+    failing = [lv for lv in result.levels if not lv.slo_met]
+    assert failing and all(lv.violations for lv in failing)
+    assert any(v.startswith(("e2el_ms_p90 ", "backlog")) for lv in failing for v in lv.violations)
+    assert all(lv.target_qps > result.max_sustainable_qps for lv in failing)
+    assert result.time_scale == TIME_SCALE and result.simulated
+
+    lines = [json.loads(line) for line in open(result.records_path)]
+    assert len(lines) == sum(lv.num_requests for lv in result.levels)
+    assert [sum(r["level"] == lv.index for r in lines) for lv in result.levels] == \
+           [lv.num_requests for lv in result.levels]
+    # Records are in engine time: no request completes faster than one engine service time.
+    assert min(r["e2el_s"] for r in lines if r["ok"]) >= SERVICE_WALL_S * TIME_SCALE * 0.95

@@ -1,0 +1,105 @@
+"""Behaviour of the roofline step model on real catalog entries (Llama-3.1-8B on H100)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from tasks.catalog import GpuSpec, ModelArch
+from tasks.paths import CONF_DIR
+from tasks.perf_model import MBU, PerfModel, causal_context
+
+
+def _load(group: str, name: str) -> dict:
+    return yaml.safe_load((CONF_DIR / group / f"{name}.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama() -> ModelArch:
+    return ModelArch(**_load("model", "llama-3.1-8b"))
+
+
+@pytest.fixture(scope="module")
+def h100() -> GpuSpec:
+    return GpuSpec(**_load("gpu", "h100"))
+
+
+def test_small_batch_decode_is_memory_bound_at_weight_streaming_time(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "bf16", "bf16")
+    cost = pm.step(decode_seqs=4, decode_context_tokens=4 * 512)
+    assert cost.memory_s > 10 * cost.compute_s
+    weights_s = llama.weight_bytes("bf16") / (h100.hbm_bandwidth_gbps * 1e9)
+    # Between streaming every weight at full bandwidth and at the assumed efficiency (+ a little KV).
+    assert 0.9 * weights_s < cost.memory_s < 1.1 * weights_s / MBU
+    assert cost.seconds == pytest.approx(cost.memory_s + cost.overhead_s)
+
+
+def test_long_prefill_is_compute_bound(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "bf16", "bf16")
+    cost = pm.step(prefill_tokens=4096, prefill_attn_context=causal_context(0, 4096))
+    assert cost.compute_s > 5 * cost.memory_s
+    # No faster than the dense GEMMs at the vendor peak.
+    assert cost.compute_s > 2 * llama.num_params * 0.9 * 4096 / (h100.bf16_tflops * 1e12)
+    # Attention makes prefill super-linear in prompt length.
+    half = pm.step(prefill_tokens=2048, prefill_attn_context=causal_context(0, 2048))
+    assert cost.compute_s > 2 * half.compute_s
+
+
+def test_lower_precision_weights_speed_up_decode(llama: ModelArch, h100: GpuSpec) -> None:
+    shape = dict(decode_seqs=8, decode_context_tokens=8 * 1024)
+    bf16, fp8, int4 = (PerfModel(llama, h100, w, "bf16").step(**shape).seconds for w in ("bf16", "fp8", "int4"))
+    assert int4 < fp8 < bf16
+    # fp8 (W8A8) also halves prefill compute; int4 (W4A16) runs bf16 math.
+    prefill = dict(prefill_tokens=4096, prefill_attn_context=causal_context(0, 4096))
+    c16, c8, c4 = (PerfModel(llama, h100, w, "bf16").step(**prefill).compute_s for w in ("bf16", "fp8", "int4"))
+    assert c8 < 0.6 * c16
+    assert c4 == pytest.approx(c16)
+
+
+def test_fp8_weights_on_gpu_without_fp8_compute_in_bf16(llama: ModelArch) -> None:
+    a100 = GpuSpec(**_load("gpu", "a100"))
+    assert not a100.supports_fp8
+    pm = PerfModel(llama, a100, "fp8", "bf16")
+    assert pm.compute_dtype == "bf16"
+    assert pm.step(decode_seqs=1, decode_context_tokens=100).seconds > 0
+
+
+def test_tensor_parallel_cuts_step_time_but_adds_communication(llama: ModelArch, h100: GpuSpec) -> None:
+    shape = dict(prefill_tokens=1024, prefill_attn_context=causal_context(0, 1024), decode_seqs=32,
+                 decode_context_tokens=32 * 2048)
+    tp1, tp2 = (PerfModel(llama, h100, "bf16", "bf16", tp=tp).step(**shape) for tp in (1, 2))
+    assert tp1.comm_s == 0.0
+    assert tp2.comm_s > 0.0
+    assert tp2.seconds < tp1.seconds
+    # Not a free halving: communication eats part of the gain.
+    assert tp2.seconds - tp2.overhead_s > 0.5 * (tp1.seconds - tp1.overhead_s)
+
+
+def test_kv_transfer_scales_linearly_with_tokens(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "bf16", "bf16")
+    t = np.array([pm.kv_transfer_s(n) for n in (0, 1000, 2000, 4000)])
+    assert t[0] > 0  # fixed connector latency
+    per_token = np.diff(t) / np.diff([0, 1000, 2000, 4000])
+    assert per_token == pytest.approx(np.full(3, per_token[0]))
+    assert per_token[0] >= llama.kv_bytes_per_token("bf16") / (h100.link_bandwidth_gbps * 1e9)
+    fp8 = PerfModel(llama, h100, "bf16", "fp8")
+    assert fp8.kv_transfer_s(4000) - fp8.kv_transfer_s(0) == pytest.approx((t[3] - t[0]) / 2)
+
+
+def test_capacity_decreases_with_longer_inputs_and_is_vectorised(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "bf16", "bf16")
+    inputs = np.array([128.0, 512.0, 2048.0, 8192.0])
+    qps = pm.capacity_qps(inputs, 256.0, 256, 400_000)
+    assert np.all(qps > 0) and np.all(np.diff(qps) < 0)
+    assert qps[1] == pytest.approx(pm.capacity_qps(512.0, 256.0, 256, 400_000))
+    # A smaller KV cache (smaller decode batch) lowers capacity.
+    assert pm.capacity_qps(512.0, 256.0, 256, 20_000) < qps[1]
+
+
+def test_step_is_vectorised_elementwise(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "fp8", "fp8", tp=2)
+    seqs = np.array([1, 16, 128, 512])
+    batch = pm.step(decode_seqs=seqs, decode_context_tokens=seqs * 3000).seconds
+    single = [pm.step(decode_seqs=int(s), decode_context_tokens=int(s) * 3000).seconds for s in seqs]
+    assert batch == pytest.approx(single)
+    assert np.all(np.diff(batch) > 0)  # more sequences, more KV to read
