@@ -68,6 +68,8 @@ _SECRET_IN_TEXT = re.compile(
     re.IGNORECASE,
 )
 _FLAG = re.compile(rf"--?{_NAME}", re.IGNORECASE)
+# user:password@ in URLs (postgresql://dolphin:pw@db/mlflow)
+_URL_PASSWORD = re.compile(r"(?P<k>[a-z][a-z0-9+.-]*://[^:/\s@]+:)(?P<v>[^@\s/]+)(?=@)", re.IGNORECASE)
 REDACTED = "***"
 # Files under run_dir read as text to mask secrets; others (records, images) are logged as they are.
 _TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".txt", ".log", ".sh", ".cmd", ".env", ".cfg", ".ini", ".toml", ""}
@@ -115,7 +117,7 @@ def scrub_text(text: str) -> str:
         quoted = len(v) >= 2 and v[0] == v[-1] and v[0] in "'\""
         return m["k"] + (f"{v[0]}{REDACTED}{v[0]}" if quoted else REDACTED)
 
-    return _SECRET_IN_TEXT.sub(mask, text)
+    return _URL_PASSWORD.sub(mask, _SECRET_IN_TEXT.sub(mask, text))
 
 
 def redact(flat: Mapping[str, str]) -> dict[str, str]:

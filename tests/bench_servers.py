@@ -48,30 +48,33 @@ def make_app(ttft: float, itl: float, service: float) -> web.Application:
             return web.json_response({"error": {"message": "boom"}}, status=500)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        if chat:
-            await resp.write(_chunk(chat, role=True))  # a role chunk at once: it is not the first token
-        if mode == "queue":
-            async with lock:
-                await asyncio.sleep(service)
-            await resp.write(b"".join(_chunk(chat, f" t{i}") for i in range(n)))
-        elif mode == "hang":
-            await asyncio.sleep(3600)
-        else:
-            await asyncio.sleep(ttft)
-            for i in range(2 if mode in ("truncate", "abort") else n):
-                if i:
-                    await asyncio.sleep(itl)
-                await resp.write(_chunk(chat, f" t{i}"))
-            if mode == "abort":
-                request.transport.close()
-                return resp
-            if mode == "truncate":
-                await resp.write_eof()
-                return resp
-        if mode != "nousage":
-            await resp.write(_chunk(chat, usage=usage))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            if chat:
+                await resp.write(_chunk(chat, role=True))  # a role chunk at once: it is not the first token
+            if mode == "queue":
+                async with lock:
+                    await asyncio.sleep(service)
+                await resp.write(b"".join(_chunk(chat, f" t{i}") for i in range(n)))
+            elif mode == "hang":
+                await asyncio.sleep(3600)
+            else:
+                await asyncio.sleep(ttft)
+                for i in range(2 if mode in ("truncate", "abort") else n):
+                    if i:
+                        await asyncio.sleep(itl)
+                    await resp.write(_chunk(chat, f" t{i}"))
+                if mode == "abort":
+                    request.transport.close()
+                    return resp
+                if mode == "truncate":
+                    await resp.write_eof()
+                    return resp
+            if mode != "nousage":
+                await resp.write(_chunk(chat, usage=usage))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:  # the client went away (a request cancelled in flight)
+            pass
         return resp
 
     app = web.Application()

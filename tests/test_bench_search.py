@@ -3,12 +3,14 @@ on 127.0.0.1 whose capacity is known."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tests.bench_servers import bench_server, fetch, free_closed_port
 
-from tasks.bench.client import error_class, request_chat, request_completions
+from tasks.bench.client import error_class, load_records, request_chat, request_completions
+from tasks.bench.metrics import violations_needed
 from tasks.bench.search import run_slo_search, search_qps
 from tasks.config import BenchConfig, SLOConfig
 from tasks.contracts import BenchRequest, Endpoint
@@ -96,7 +98,7 @@ def test_search_finds_capacity_of_single_queue(server, tmp_path):
     assert best.slo_met and best.target_qps == result.max_sustainable_qps
     failing = [lv for lv in result.levels if not lv.slo_met]
     assert failing and all(lv.violations for lv in failing)
-    assert any(v.startswith(("e2el_ms_p90 ", "backlog")) for lv in failing for v in lv.violations)
+    assert any(v.startswith(("e2el_ms_p90 ", "backlog", "decided early")) for lv in failing for v in lv.violations)
     assert all(lv.target_qps > result.max_sustainable_qps for lv in failing)
     assert result.time_scale == TIME_SCALE and result.simulated
 
@@ -106,3 +108,48 @@ def test_search_finds_capacity_of_single_queue(server, tmp_path):
            [lv.num_requests for lv in result.levels]
     # Records are in engine time: no request completes faster than one engine service time.
     assert min(r["e2el_s"] for r in lines if r["ok"]) >= SERVICE_WALL_S * TIME_SCALE * 0.95
+
+
+# ---------------------------------------------------------------- early end of a failing level
+def one_level(server: str, model: str, targets: dict[str, float], n: int, qps: float, tmp_path):
+    endpoint = Endpoint(engine="test", deploy="agg", base_url=server, model_name=model, commands=[],
+                        log_paths=[], pids=[], simulated=True, time_scale=TIME_SCALE)
+    bench = BenchConfig(requests_per_level=n, warmup_requests=0, start_qps=qps, max_levels=1,
+                        request_timeout_s=300.0, seed=1)
+    t0 = time.perf_counter()
+    result = run_slo_search(endpoint, REQS, bench, SLOConfig(targets=targets), tmp_path, quiet=True)
+    wall = time.perf_counter() - t0
+    [level] = result.levels
+    records = load_records(result.records_path)
+    return level, records, wall
+
+
+# The server's E2EL is >= 0.025 wall s = 250 engine ms, far over the bound: "stream" finishes over it,
+# "hang" never finishes (only the in-flight check can tell), "error500" fails at once.
+@pytest.mark.parametrize("model,reason,classes", [
+    ("stream", " over e2el bound 100 ms", {None, "cancelled"}),
+    ("hang", " over e2el bound 100 ms", {"cancelled"}),
+    ("error500", " failed (at most 0 allowed)", {"http", "cancelled"}),
+])
+def test_level_that_cannot_pass_ends_early(server, tmp_path, model, reason, classes):
+    n, qps = 60, 1.0  # ~59 engine s = ~5.9 wall s of arrivals if it ran to the end
+    level, records, wall = one_level(server, model, {"e2el_ms_p99": 100}, n, qps, tmp_path)
+    assert not level.slo_met
+    assert level.violations[0].startswith("decided early after ") and reason in level.violations[0]
+    assert not any(v.startswith("backlog") for v in level.violations)  # a cut level has no arrival span
+    assert level.num_requests <= violations_needed(n, 99) + 3  # sent: those that decided, and a few in flight
+    assert level.duration_s < 0.1 * (n - 1) / qps and wall < 2.0
+    # The records are the sent requests, truthfully: cancelled ones are failed, never ok.
+    assert len(records) == level.num_requests and level.failed == sum(not r.ok for r in records)
+    assert {error_class(r) for r in records} <= classes
+    cancelled = [r for r in records if error_class(r) == "cancelled"]
+    assert all(not r.ok and r.ttft_s is None and r.e2el_s >= 0 for r in cancelled)
+    if model == "hang":
+        assert cancelled and level.completed == 0
+
+
+def test_passing_level_runs_every_request(server, tmp_path):
+    n = 20
+    level, records, _ = one_level(server, "stream", {"e2el_ms_p99": 10_000, "ttft_ms_p50": 5_000}, n, 20.0, tmp_path)
+    assert level.slo_met and level.violations == []
+    assert level.num_requests == level.completed == len(records) == n

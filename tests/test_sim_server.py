@@ -25,6 +25,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.catalog import GpuSpec, ModelArch
+from tasks.engines.sim_engine import Engine
+from tasks.engines.sim_metrics import Metrics
+from tasks.engines.sim_scheduler import SimRequest
 from tasks.engines.sim_spec import SimSpec
 from tasks.paths import CONF_DIR, REPO_ROOT
 from tasks.tokenizer import make_text
@@ -359,3 +362,49 @@ def test_exits_when_parent_dies(tmp_path: Path) -> None:
         if parent.poll() is None:
             os.kill(parent.pid, signal.SIGKILL)
             parent.wait()
+
+
+# ---------------------------------------------------------------- the engine without HTTP
+class _Recorder:
+    """A chunker that records which output tokens each chunk carried."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[int, int, bool]] = []
+
+    def chunk(self, start: int, count: int, last: bool) -> bytes:
+        self.chunks.append((start, count, last))
+        return b""
+
+
+@pytest.mark.parametrize("mode", ["agg", "pd"])
+def test_engine_alone_preempts_and_frees_all_kv(mode: str) -> None:
+    # 6 x (100 + 200) tokens cannot share 1024 tokens of KV: decoding must preempt and recompute.
+    spec = make_spec(mode=mode, kv_capacity_tokens=1024, max_model_len=512, time_scale=1000.0)
+
+    async def run() -> tuple[Engine, Metrics, list[SimRequest]]:
+        metrics = Metrics(spec.served_model_name, spec_decode=False)
+        engine = Engine(spec, metrics)
+        engine.start()
+        reqs = [SimRequest(100, 200, engine.clock.now(), _Recorder()) for _ in range(6)]
+
+        async def drain() -> None:  # awaits `wait()` directly, as the HTTP handlers do
+            for r in reqs:
+                while not r.closed:
+                    await r.wait()
+
+        try:
+            for r in reqs:
+                engine.submit(r)
+            await asyncio.wait_for(drain(), timeout=20)
+        finally:
+            engine.stop()
+        return engine, metrics, reqs
+
+    engine, metrics, reqs = asyncio.run(run())
+    for r in reqs:
+        starts, counts, lasts = map(list, zip(*r.sse.chunks))  # type: ignore[union-attr]
+        assert starts == list(np.cumsum([0] + counts[:-1])) and sum(counts) == 200  # gap-free, in order
+        assert lasts == [False] * (len(lasts) - 1) + [True]
+    preemptions = metrics.registry.get_sample_value("vllm:num_preemptions_total", {"model_name": "sim-llama"})
+    assert preemptions is not None and preemptions > 0
+    assert all(i.free_blocks == i.total_blocks and not i.running and not i.waiting for i in engine.instances)

@@ -229,6 +229,9 @@ def test_flatten_and_redact():
         "args: {'api_key': '***', 'max_num_batched_tokens': 8192}"
     assert scrub_text("Authorization: Bearer abc") == "Authorization: Bearer ***"
     assert scrub_text("curl -H 'Bearer abc' --max-tokens 10") == "curl -H 'Bearer ***' --max-tokens 10"
+    # A password inside a store URL, but not a host:port.
+    assert redact({"tracking.uri": "postgresql://dolphin:pw1@db:5432/mlflow", "u": "http://h:5000/a@b"}) == {
+        "tracking.uri": "postgresql://dolphin:***@db:5432/mlflow", "u": "http://h:5000/a@b"}
 
 
 def test_latency_plot_is_written(tmp_path, stages):

@@ -21,7 +21,8 @@ import aiohttp
 
 from tasks.contracts import BenchRequest
 
-ERROR_CLASSES = ("http", "timeout", "connection", "truncated", "server", "empty", "client")
+# "cancelled": still in flight when the search ended its level early (its verdict was already decided).
+ERROR_CLASSES = ("http", "timeout", "connection", "truncated", "server", "empty", "client", "cancelled")
 
 
 @dataclass

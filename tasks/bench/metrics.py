@@ -209,7 +209,8 @@ class EarlyVerdict:
 
     def e2el_bounds_wall_s(self) -> dict[str, float]:
         """E2EL bounds in wall seconds, by target: an unfinished request older than its bound (from its
-        scheduled send) ends with an E2EL over it, or fails."""
+        scheduled send) ends with an E2EL over it, or fails. Only E2EL: TPOT needs the whole reply, and
+        whether an old request already has its first token (TTFT) is not visible from outside the client."""
         return {t.key: float(to_wall_s(t.bound_ms / 1e3, self.time_scale)) for t in self.tallies
                 if t.metric == "e2el"}
 
@@ -241,8 +242,9 @@ class EarlyVerdict:
             m = self.n - self.failed - t.no_sample - gone
             k = t.over + e - gone
             if m >= 1 and k >= (need := violations_needed(m, t.q)):
+                flying = f"{e - gone} of them in flight; " if e > gone else ""
                 return head + (f"{k} over {t.metric} bound {t.bound_ms:g} ms "
-                               f"({t.key} of {m} needs <= {need - 1})")
+                               f"({flying}{t.key} of {m} needs <= {need - 1})")
         return None
 
 
@@ -266,7 +268,9 @@ def summarize_level(
     samples = samples_ms(ok)
     violations = [decided_early] if decided_early else []
     violations += target_violations(samples, slo_targets)
-    violations += [v for v in (failure_violation(recs), backlog_violation(recs, duration, slo_targets)) if v]
+    # The backlog rule weighs a whole level's duration against its arrival span: not a level cut short.
+    backlog = None if decided_early else backlog_violation(recs, duration, slo_targets)
+    violations += [v for v in (failure_violation(recs), backlog) if v]
     per_s = 1.0 / duration if duration > 0 else 0.0
     return LevelResult(
         index=index,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.bench.engine_metrics import scrape
@@ -40,7 +40,15 @@ def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoic
         shared_prefix_len=workload.shared_prefix_len or None,
     )
 
+    logger = get_run_logger()
+
     def after_level(level: LevelResult) -> None:
+        verdict = "holds" if level.slo_met else "broken: " + "; ".join(level.violations)
+        logger.info(
+            "level %d at %.3g QPS: %d/%d ok, p99 TTFT %.0f ms, TPOT %.1f ms, E2EL %.0f ms; SLO %s",
+            level.index, level.target_qps, level.completed, level.num_requests, level.ttft_ms.p99,
+            level.tpot_ms.p99, level.e2el_ms.p99, verdict,
+        )
         handle.check_alive()  # a dead engine fails the stage with its log tail, not a silent 0 QPS
 
     hint = start_qps_hint(quant, profile, model, gpu)
