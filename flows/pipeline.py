@@ -44,6 +44,7 @@ class PipelineOutcome:
     cfg: DolphinConfig
     status: str
     error: str | None = None
+    infeasible: bool = False  # stopped by the memory plan: a verdict about the config, not a breakage
     profile: WorkloadProfile | None = None
     quant: QuantChoice | None = None
     endpoint: Endpoint | None = None
@@ -106,6 +107,7 @@ def pipeline(resolved: dict[str, Any]) -> PipelineOutcome:
         out.status = "FINISHED"
     except BaseException as exc:  # Ctrl-C too: record what was measured, then stop
         out.status, out.error = "FAILED", f"{type(exc).__name__}: {exc}"
+        out.infeasible = isinstance(exc, InfeasiblePlan)
         try:
             out.track = _track(out, resolved, run_dir)
         except Exception as track_exc:  # keep the original failure as the one reported

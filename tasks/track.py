@@ -58,7 +58,8 @@ PLOT_NAME = "plots/latency_vs_qps.png"
 
 # A secret's name as a whole word: `_`, `-`, `.` separate words, so `hf_token` and `--api-key` match
 # but `max_num_batched_tokens`, `kv_bytes_per_token` and `tokenizer` (not secrets) do not.
-_SECRET_WORD = r"(?:api[_-]?key|access[_-]?key|(?<!per[_-])token|secrets?|password|passwd|auth|authorization|credentials?)"
+_SECRET_WORD = (r"(?:api[_-]?key|access[_-]?key|(?<!per[_-])token|secrets?|password|passwd|auth|authorization"
+                r"|credentials?)")
 SECRET_KEY = re.compile(rf"(?<![a-z0-9]){_SECRET_WORD}(?![a-z0-9])", re.IGNORECASE)
 _NAME = rf"[\w.-]*?(?<![a-z0-9]){_SECRET_WORD}(?![a-z0-9])[\w.-]*"
 _SECRET_IN_TEXT = re.compile(
