@@ -21,7 +21,6 @@ def _sigterm_as_exit(signum, frame):  # noqa: ARG001 - signal handler signature
 def cmd_run(argv: list[str]) -> int:
     """Run the pipeline; everything after `run` is Hydra's (overrides, -m, --cfg job, ...)."""
     from flows import hydra_app
-    from flows.pipeline import PipelineOutcome
 
     sys.argv = ["dolphin"] + argv
     try:
@@ -30,14 +29,8 @@ def cmd_run(argv: list[str]) -> int:
         hydra_app.finish_parent_run(failed=True)  # no-op unless a sweep aborted before its end callback
     if "--help" in argv or "--cfg" in argv or "-c" in argv:
         return 0
-    outcomes = hydra_app.OUTCOMES
     sweep = "-m" in argv or "--multirun" in argv
-    # One run fails on anything short of a measurement; a sweep fails only on breakage, since a config
-    # whose memory plan is infeasible is an answer the sweep was asked for (it is in the table and MLflow).
-    ok = bool(outcomes) and all(
-        isinstance(o, PipelineOutcome) and (o.status == "FINISHED" or (sweep and o.infeasible)) for o in outcomes
-    )
-    return 0 if ok else 1
+    return 0 if hydra_app.all_answered(hydra_app.OUTCOMES, sweep) else 1
 
 
 def compose(overrides: list[str]):

@@ -81,10 +81,20 @@ class MlflowParentRun(Callback):
         from flows.console import print_results
         from flows.pipeline import PipelineOutcome
 
-        finish_parent_run(any(not isinstance(o, PipelineOutcome) or o.status != "FINISHED" for o in OUTCOMES))
+        finish_parent_run(failed=not all_answered(OUTCOMES, sweep=True))
         done = [o for o in OUTCOMES if isinstance(o, PipelineOutcome)]
         if done:
             print_results(done, title=f"Dolphin sweep: {len(OUTCOMES)} configs")
+
+
+def all_answered(outcomes: list[Any], sweep: bool) -> bool:
+    """True when every config produced an answer. One run must produce a measurement; in a sweep an
+    infeasible memory plan is an answer too (it is in the table and in MLflow with its reason)."""
+    from flows.pipeline import PipelineOutcome
+
+    return bool(outcomes) and all(
+        isinstance(o, PipelineOutcome) and (o.status == "FINISHED" or (sweep and o.infeasible)) for o in outcomes
+    )
 
 
 def finish_parent_run(failed: bool) -> None:

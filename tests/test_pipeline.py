@@ -104,7 +104,7 @@ def test_multirun_is_a_parent_with_children(tmp_path, prefect_api):
 
 
 def test_slo_never_met_is_a_finished_run_with_zero_qps(tmp_path, prefect_api):
-    res = run_dolphin(["run", *FAST, "slo.targets.ttft_ms_p90=5"], tmp_path, api_url=prefect_api)
+    res = run_dolphin(["run", *FAST, "+slo.targets.ttft_ms_p90=5"], tmp_path, api_url=prefect_api)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "SLO never met" in res.stdout
     (run,) = all_runs(tmp_path)
