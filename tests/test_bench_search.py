@@ -3,6 +3,7 @@ on 127.0.0.1 whose capacity is known."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,7 @@ from tests.bench_servers import bench_server, fetch, free_closed_port
 
 from tasks.bench.client import error_class, load_records, request_chat, request_completions
 from tasks.bench.metrics import violations_needed
-from tasks.bench.search import run_slo_search, search_qps
+from tasks.bench.search import LEVEL_SPAN_PER_BOUND, level_size, run_slo_search, search_qps
 from tasks.config import BenchConfig, SLOConfig
 from tasks.contracts import BenchRequest, Endpoint
 
@@ -149,7 +150,21 @@ def test_level_that_cannot_pass_ends_early(server, tmp_path, model, reason, clas
 
 
 def test_passing_level_runs_every_request(server, tmp_path):
-    n = 20
-    level, records, _ = one_level(server, "stream", {"e2el_ms_p99": 10_000, "ttft_ms_p50": 5_000}, n, 20.0, tmp_path)
+    targets = {"e2el_ms_p99": 1_000, "ttft_ms_p50": 800}
+    level, records, _ = one_level(server, "stream", targets, 20, 20.0, tmp_path)
+    n = level_size(20.0, BenchConfig(requests_per_level=20), SLOConfig(targets=targets))
+    assert n == 100  # 5 x the 1 s bound at 20 QPS
     assert level.slo_met and level.violations == []
     assert level.num_requests == level.completed == len(records) == n
+
+
+def test_levels_span_several_latency_bounds():
+    # A 60-request burst at 149 QPS spans 0.4 s: a growing queue would still finish inside a 10 s bound.
+    bench = BenchConfig(requests_per_level=60)
+    loose = SLOConfig(targets={"e2el_ms_p99": 10_000, "tpot_ms_p99": 50})
+    assert level_size(149.0, bench, loose) == math.ceil(149.0 * LEVEL_SPAN_PER_BOUND * 10)
+    assert level_size(0.5, bench, loose) == 60  # already spans 120 s
+    # TPOT/ITL bounds are per token: they do not set the span.
+    assert level_size(149.0, bench, SLOConfig(targets={"tpot_ms_p99": 50})) == 60
+    longer = BenchConfig(requests_per_level=60, min_level_duration_s=100)
+    assert level_size(2.0, longer, SLOConfig(targets={"ttft_ms_p90": 100})) == 200

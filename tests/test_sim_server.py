@@ -333,6 +333,28 @@ def test_small_kv_cache_preempts_and_still_completes(tmp_path: Path) -> None:
         assert m["vllm:kv_cache_usage_perc"] == 0
 
 
+def test_clients_that_disconnect_while_queued_are_aborted(tmp_path: Path) -> None:
+    # 16 prompts of 8k tokens queue ~2.5 engine-seconds of prefill; their clients give up after 0.1 s.
+    spec = make_spec(time_scale=1.0)
+    with sim_server(spec, tmp_path) as sim:
+        async def give_up() -> None:
+            async with aiohttp.ClientSession() as s:
+                tasks = [asyncio.ensure_future(_post(s, sim.url + "/v1/completions", completion(8000, 50)))
+                         for _ in range(16)]
+                await asyncio.wait(tasks, timeout=0.1)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 1.0  # far less than the queued prefill work
+        while (m := scrape(sim.url))["vllm:num_requests_waiting"] + m["vllm:num_requests_running"] > 0:
+            assert time.monotonic() < deadline, f"aborted requests still queued: {m}"
+            time.sleep(0.05)
+        (r,) = post(sim.url + "/v1/completions", completion(100, 2))
+        assert r.done and r.times[0] - r.sent < 0.5  # no ghost queue ahead of a new request
+
+
 def test_crash_after_requests_exits_non_zero(tmp_path: Path) -> None:
     with sim_server(make_spec(crash_after_requests=2, time_scale=10.0), tmp_path) as sim:
         (ok,) = post(sim.url + "/v1/completions", completion(10, 3))

@@ -27,13 +27,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tasks.bench.client import REQUEST_FUNCS, RequestFn, RequestRecord, new_session
 from tasks.bench.load import poisson_arrivals
 from tasks.bench.metrics import (
-    CANCELLED, EarlyVerdict, summarize_level, to_engine_record, to_engine_s, to_wall_s,
+    CANCELLED, EarlyVerdict, parse_target, summarize_level, to_engine_record, to_engine_s, to_wall_s,
 )
 from tasks.config import BenchConfig, SLOConfig
 from tasks.contracts import BenchRequest, BenchResult, Endpoint, LevelResult
 
 T = TypeVar("T")
-STEP_DOWN_LEVELS = 3  # when the first level fails, try start / growth**k for k = 1..3
+STEP_DOWN_LEVELS = 3
+# A level's arrivals span at least this many times the largest TTFT/E2EL bound: over a shorter span a
+# queue that grows without limit still finishes inside the bound (a 60-request burst at 10x capacity
+# "holds" a 10 s SLO). With 5 bounds, any overload above 1.25x capacity pushes latency past the bound.
+LEVEL_SPAN_PER_BOUND = 5.0  # when the first level fails, try start / growth**k for k = 1..3
 CHECK_INTERVAL_WALL_S = 0.05  # how often in-flight requests are checked against the E2EL bounds
 # A record's E2EL ends at its last data chunk, and [DONE] may trail it: an in-flight request counts as
 # over an E2EL bound only this much (wall) after it, so one finishing just under the bound never does.
@@ -72,6 +76,14 @@ def search_qps(start: float, growth: float, tolerance: float, max_levels: int) -
         met = yield mid
         run += 1
         good, bad = (mid, bad) if met else (good, mid)
+
+
+def level_size(qps: float, bench: BenchConfig, slo: SLOConfig) -> int:
+    """Requests in a level at `qps`: bench.requests_per_level, or more so that arrivals span
+    bench.min_level_duration_s and LEVEL_SPAN_PER_BOUND x the largest TTFT/E2EL bound (engine seconds)."""
+    bounds_s = [b / 1e3 for k, b in slo.targets.items() if parse_target(k)[0] in ("ttft", "e2el")]
+    span_s = max([bench.min_level_duration_s, *(LEVEL_SPAN_PER_BOUND * b for b in bounds_s)])
+    return max(bench.requests_per_level, math.ceil(span_s * qps))
 
 
 def level_requests(requests: list[BenchRequest], n: int, rng: np.random.Generator) -> list[BenchRequest]:
@@ -213,7 +225,7 @@ async def _search(
             return levels
         index = len(levels)
         rng = np.random.default_rng(bench.seed + index)
-        n = max(bench.requests_per_level, math.ceil(bench.min_level_duration_s * qps))
+        n = level_size(qps, bench, slo)
         reqs = level_requests(requests, n, rng)
         offsets_wall = to_wall_s(poisson_arrivals(qps, n, rng), ts)
         bar = _LevelProgress(progress, index, qps, n, ts)

@@ -176,7 +176,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def serve(spec: SimSpec) -> None:
     srv = SimServer(spec)
-    runner = web.AppRunner(srv.app(), access_log=None, shutdown_timeout=0.5)
+    # handler_cancellation: a client that disconnects before its first token is aborted, as vLLM does,
+    # instead of staying queued as a ghost that slows down whoever comes next.
+    runner = web.AppRunner(srv.app(), access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
     await runner.setup()
     try:
         sock = _bind(spec.host, spec.port)
