@@ -150,6 +150,10 @@ def test_engine_death_fails_the_run_keeps_data_and_leaves_nothing(tmp_path, pref
     assert "exited" in runs[0].data.tags["dolphin.status_reason"]
     records = list((tmp_path / "artifacts" / "runs").glob("*/requests.jsonl"))
     assert records and records[0].read_text().count("\n") >= 50  # the levels measured before the crash
+    levels = (records[0].parent / "levels.jsonl").read_text().splitlines()
+    assert levels and all(json.loads(line)["num_requests"] > 0 for line in levels)
+    files = artifact_files(mlflow_client(tmp_path), runs[0].info.run_id)
+    assert {"levels.jsonl", "requests.jsonl"} <= {f.rsplit("/", 1)[-1] for f in files}
     assert engine_processes(tmp_path) == []
 
 

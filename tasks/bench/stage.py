@@ -49,6 +49,8 @@ def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoic
             level.index, level.target_qps, level.completed, level.num_requests, level.ttft_ms.p99,
             level.tpot_ms.p99, level.e2el_ms.p99, verdict,
         )
+        with open(run_dir / "levels.jsonl", "a") as f:  # kept (and logged) even if a later level fails
+            f.write(level.model_dump_json() + "\n")
         handle.check_alive()  # a dead engine fails the stage with its log tail, not a silent 0 QPS
 
     hint = start_qps_hint(quant, profile, model, gpu)
