@@ -27,10 +27,9 @@ def cmd_run(argv: list[str]) -> int:
         hydra_app.main()
     finally:
         hydra_app.finish_parent_run(failed=True)  # no-op unless a sweep aborted before its end callback
-    if "--help" in argv or "--cfg" in argv or "-c" in argv:
+    if not hydra_app.OUTCOMES:  # --help, --cfg job, ...: Hydra ran no job
         return 0
-    sweep = "-m" in argv or "--multirun" in argv
-    return 0 if hydra_app.all_answered(hydra_app.OUTCOMES, sweep) else 1
+    return 0 if hydra_app.all_answered(hydra_app.OUTCOMES, hydra_app.IN_SWEEP) else 1
 
 
 def compose(overrides: list[str]):

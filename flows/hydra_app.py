@@ -22,6 +22,7 @@ PARENT_EXPERIMENT_ENV = "DOLPHIN_PARENT_EXPERIMENT"
 
 # Outcomes of the jobs run in this process, for the summary table and the exit code.
 OUTCOMES: list[Any] = []
+IN_SWEEP = False  # set from Hydra's own run mode when a job runs
 
 
 def to_resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def run_job(cfg: DictConfig) -> str:
     from flows.console import print_results
     from flows.pipeline import PipelineFailed, pipeline
 
+    global IN_SWEEP
+    IN_SWEEP = HydraConfig.get().mode == RunMode.MULTIRUN
     resolved = to_resolved(cfg)
     try:
         validate(resolved)
@@ -59,7 +62,7 @@ def run_job(cfg: DictConfig) -> str:
     except PipelineFailed as exc:
         outcome = exc.outcome
     OUTCOMES.append(outcome)
-    if HydraConfig.get().mode == RunMode.RUN:
+    if not IN_SWEEP:
         print_results([outcome])
     return outcome.status
 
