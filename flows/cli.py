@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from flows import kv_command
+
 # Before Prefect is imported: its ephemeral server needs time to start on small machines, and sends no
 # analytics from ours. Users' own settings win.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -35,6 +37,7 @@ def cmd_run(argv: list[str]) -> int:
 def compose(overrides: list[str]):
     """The resolved config for overrides, without running Hydra's job machinery."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     from tasks.config import load_config
@@ -42,7 +45,10 @@ def compose(overrides: list[str]):
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
+        try:
+            cfg = hydra_compose("config", overrides=overrides)
+        except HydraException as exc:  # a bad override: Hydra's own one-line message, no traceback
+            raise ValueError(" ".join(str(exc).split())) from None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return resolved, load_config(resolved)
 
@@ -58,15 +64,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tasks.quantize import check_quant, quant_task
 
     _, cfg = compose(args.overrides)
-    check_quant(cfg.quant, cfg.gpu)
+    check_quant(cfg.quant, cfg.gpu, cfg.quality)
     profile = profile_task.fn(cfg.workload, cfg.slo, None)
-    plans = kv_task.fn(cfg.model, cfg.gpu, cfg.deploy, cfg.quant, profile, cfg.slo)
-    choice = quant_task.fn(plans, cfg.gpu, cfg.quant)
+    plans = kv_task.fn(cfg.model, cfg.gpu, cfg.deploy, cfg.quant, cfg.quality, profile, cfg.slo, cfg.memory)
+    choice = quant_task.fn(plans, cfg.gpu, cfg.quant, cfg.model, cfg.quality)
     plan = choice.plan
     model = PerfModel(cfg.model, cfg.gpu, choice.weights_dtype, choice.kv_dtype, tp=plan.tp,
                       step_overhead_s=cfg.engine.step_overhead_ms / 1000)
     capacity = model.capacity_qps(profile.input_tokens.mean, profile.output_tokens.mean,
                                   plan.knobs.max_num_seqs, plan.kv_capacity_tokens)
+    if args.show_commands:
+        from tasks.engines.commands import build_launch_specs, format_commands
+
+        if cfg.engine.kind == "sim":
+            raise ValueError("engine=sim is Dolphin's own process; use engine=vllm or engine=sglang with "
+                             "--show-commands to see a real engine's command lines")
+        specs = build_launch_specs(cfg.model, cfg.deploy, choice, cfg.engine, vllm_version=cfg.engine.vllm_version)
+        print(format_commands(specs), end="")
+        return 0 if plan.feasible else 2
     if args.json:
         print(json.dumps({"quant": choice.model_dump(), "predicted_capacity_qps": capacity,
                           "workload": profile.model_dump(exclude={"length_pairs"})}, indent=2))
@@ -84,7 +99,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("KV lower bound", f"{plan.kv_lower_bound_gib:.2f} GiB for {plan.target_concurrency} concurrent "
                            f"requests at the p99 context of {plan.p99_context_tokens} tokens"),
         ("verdict", ("feasible: " if plan.feasible else "INFEASIBLE: ") + plan.reason),
+        ("smallest TP that fits", str(plan.min_tp) if plan.min_tp else "none up to 8"),
         ("engine knobs", ", ".join(f"{k}={v}" for k, v in plan.knobs.model_dump().items())),
+        ("quantization flags", f"vLLM: {' '.join(choice.vllm_args) or '(none)'}; "
+                               f"SGLang: {' '.join(choice.sglang_args) or '(none)'}"),
         ("predicted capacity", f"~{capacity:.1f} QPS (rough upper bound from the performance model)"),
     ]
     for k, v in rows:
@@ -94,25 +112,46 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile one trace file: a table, or the profile as JSON; PNG plots with --plots."""
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.profile import profile_trace, read_trace
+    from tasks.profile_stats import plot_profile, profile_trace
+    from tasks.trace import read_trace_with_bad_rows
 
+    bad_maps = [kv for kv in args.column if "=" not in kv]
+    if bad_maps:
+        raise ValueError(f"--column {bad_maps[0]!r} is not OURS=THEIRS, e.g. --column input=prompt_tokens")
+    if (args.ttft_ms is None) != (args.tpot_ms is None):
+        raise ValueError("--ttft-ms and --tpot-ms go together: give both for the per-token latency model, "
+                         "or neither for the fixed --e2el-s")
     columns = dict(kv.split("=", 1) for kv in args.column)
-    df = read_trace(args.trace, args.format, columns or None)
-    profile = profile_trace(df, source=str(args.trace))
+    df, bad = read_trace_with_bad_rows(args.trace, args.format, columns or None, args.max_bad_fraction)
+    per_token = args.tpot_ms is not None
+    profile = profile_trace(df, source=str(args.trace), latency_s=args.e2el_s, bad_rows=bad,
+                            ttft_s=args.ttft_ms / 1e3 if per_token else None,
+                            tpot_s=args.tpot_ms / 1e3 if per_token else None)
+    plots = plot_profile(df, Path(args.plots)) if args.plots else []
     data = profile.model_dump(exclude={"length_pairs", "shared_prefix_len"})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    lines, reasons = data.pop("bad_row_lines"), data.pop("bad_row_reasons")
+    if bad.count:
+        shown = ", ".join(f"line {n} ({why})" for n, why in zip(lines, reasons))
+        data["bad_rows"] = (f"{bad.count:,} of {bad.rows:,} rows dropped ({bad.fraction:.2%}): {shown}"
+                            + (" ..." if bad.count > len(lines) else ""))
     table = Table(title=f"Workload profile: {args.trace}", show_header=False)
     for key, value in data.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k} {v:,.1f}" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:,.3f}"
-        table.add_row(key, str(value))
+        table.add_row(key, "-" if value is None else str(value))
+    for path in plots:
+        table.add_row("plot", str(path))
     Console().print(table)
     return 0
 
@@ -151,13 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="profile, memory plan, quantization and predicted capacity; no launch")
     plan.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gpu=a10 model=llama-3.1-70b")
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--show-commands", action="store_true",
+                      help="print the engine command lines, environment and router command (engine=vllm|sglang)")
 
     prof = sub.add_parser("profile", help="profile a trace file (Azure CSV, Mooncake JSONL, generic)")
     prof.add_argument("trace")
     prof.add_argument("--format", default="auto", choices=["auto", "azure", "mooncake", "csv", "jsonl", "parquet"])
     prof.add_argument("--column", action="append", default=[], metavar="OURS=THEIRS",
-                      help="map a column: arrival=, input=, output=, hash_ids=")
+                      help="map a column: arrival=, input=, output=, hash_ids=, or arrival_unit=s|ms|us|ns")
     prof.add_argument("--json", action="store_true")
+    prof.add_argument("--e2el-s", type=float, default=2.0,
+                      help="every request's latency (s) for peak and Little's-law concurrency (default 2.0)")
+    prof.add_argument("--ttft-ms", type=float, help="with --tpot-ms: latency = TTFT + TPOT x (output - 1)")
+    prof.add_argument("--tpot-ms", type=float, help="with --ttft-ms; replaces --e2el-s")
+    from tasks.config import WorkloadConfig  # the default lives in the config schema
+
+    max_bad = WorkloadConfig.model_fields["max_bad_row_fraction"].default
+    prof.add_argument("--max-bad-fraction", type=float, default=max_bad,
+                      help=f"reject the trace past this share of bad rows (default {max_bad:g}, "
+                           f"workload.max_bad_row_fraction)")
+    prof.add_argument("--plots", metavar="DIR", help="write length histograms and QPS over time as PNGs here")
+
+    kv_command.add_parser(sub)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
     ui.add_argument("overrides", nargs="*", help="Hydra overrides selecting the tracking store")
@@ -173,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"plan": cmd_plan, "profile": cmd_profile, "ui": cmd_ui}[args.command](args)
+        return {"plan": cmd_plan, "profile": cmd_profile, "kv": kv_command.run, "ui": cmd_ui}[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # config and input errors: say what, no traceback
         print(f"dolphin {args.command}: {exc}", file=sys.stderr)
         return 2

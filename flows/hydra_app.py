@@ -39,7 +39,7 @@ def to_resolved(cfg: DictConfig) -> dict[str, Any]:
 def validate(resolved: dict[str, Any]) -> None:
     """Checks that need no stage to run: schema, and a dtype the GPU cannot execute."""
     cfg = load_config(resolved)
-    check_quant(cfg.quant, cfg.gpu)
+    check_quant(cfg.quant, cfg.gpu, cfg.quality)
 
 
 def run_job(cfg: DictConfig) -> str:

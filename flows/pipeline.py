@@ -88,8 +88,8 @@ def pipeline(resolved: dict[str, Any]) -> PipelineOutcome:
     out = PipelineOutcome(cfg=cfg, status="RUNNING")
     try:
         out.profile = profile_task(cfg.workload, cfg.slo, run_dir / "profile")
-        plans = kv_task(cfg.model, cfg.gpu, cfg.deploy, cfg.quant, out.profile, cfg.slo)
-        out.quant = quant_task(plans, cfg.gpu, cfg.quant)
+        plans = kv_task(cfg.model, cfg.gpu, cfg.deploy, cfg.quant, cfg.quality, out.profile, cfg.slo, cfg.memory)
+        out.quant = quant_task(plans, cfg.gpu, cfg.quant, cfg.model, cfg.quality)
         (run_dir / "plan.json").write_text(out.quant.model_dump_json(indent=2))
         if not out.quant.plan.feasible:
             raise InfeasiblePlan(out.quant.plan.reason)

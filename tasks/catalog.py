@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GIB = 1024**3
 GB = 1000**3
+FP8_MIN_CAPABILITY = (8, 9)
+MARLIN_MIN_CAPABILITY = (8, 0)
 
 # Bytes per element of a tensor stored in each dtype. int4 weights carry group scales (group 128, fp16):
 # 0.5 B + 2 B / 128 = 0.515625 B per weight.
@@ -31,22 +33,35 @@ class _Spec(BaseModel):
 
 
 class GpuSpec(_Spec):
-    """One accelerator. Throughputs are dense (no sparsity) vendor peaks."""
+    """One accelerator. Throughputs are dense (no sparsity) vendor peaks; each YAML cites its sources."""
 
     name: str
     display_name: str
+    memory_gb: float = Field(gt=0, description="nominal memory on the datasheet (GB as the vendor counts it)")
     memory_gib: float = Field(
-        gt=0, description="total device memory as CUDA reports it, GiB (an '80GB' H100 shows ~79.2 GiB); "
-        "gpu-memory-utilization applies to this"
+        gt=0, description="usable: total device memory as CUDA reports it, GiB (an '80GB' H100 shows "
+        "~79.2 GiB); gpu-memory-utilization applies to this"
     )
     hbm_bandwidth_gbps: float = Field(gt=0, description="memory bandwidth, GB/s")
     bf16_tflops: float = Field(gt=0, description="dense BF16/FP16 tensor-core peak")
     fp8_tflops: float | None = Field(None, description="dense FP8 peak; null if the GPU has no FP8")
     int8_tops: float | None = None
-    compute_capability: str
+    compute_capability: str = Field(pattern=r"^\d+\.\d+$")
     interconnect: Literal["nvlink", "pcie"]
     link_bandwidth_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth, one direction, GB/s")
     usd_per_hour: float = Field(gt=0, description="price of one GPU-hour; override with your contract")
+
+    @model_validator(mode="after")
+    def _fp8_matches_arch(self) -> "GpuSpec":
+        if (self.fp8_tflops is not None) != (self.capability >= FP8_MIN_CAPABILITY):
+            raise ValueError(f"fp8_tflops must be set exactly when compute_capability >= 8.9 "
+                             f"(Ada/Hopper and later); {self.name} has {self.compute_capability}")
+        return self
+
+    @property
+    def capability(self) -> tuple[int, int]:
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
 
     @property
     def memory_bytes(self) -> float:
@@ -54,7 +69,13 @@ class GpuSpec(_Spec):
 
     @property
     def supports_fp8(self) -> bool:
-        return self.fp8_tflops is not None
+        """FP8 tensor cores (W8A8 GEMMs, FP8 KV cache attention): compute capability >= 8.9."""
+        return self.capability >= FP8_MIN_CAPABILITY
+
+    @property
+    def supports_marlin(self) -> bool:
+        """vLLM's Marlin kernels for int4 AWQ/GPTQ weights need compute capability >= 8.0 (Ampere)."""
+        return self.capability >= MARLIN_MIN_CAPABILITY
 
     def peak_flops(self, compute_dtype: str) -> float:
         """FLOP/s of the tensor cores for GEMMs whose activations are in `compute_dtype`."""
@@ -68,71 +89,263 @@ class GpuSpec(_Spec):
 
 
 class ModelArch(_Spec):
-    """A decoder-only transformer, as far as serving cost is concerned (HF config.json field names)."""
+    """A decoder-only transformer, as far as serving memory and cost are concerned.
+
+    Field names follow Hugging Face `config.json` where one exists. Besides plain GQA models it covers
+    MLA (DeepSeek: a compressed latent KV of `kv_lora_rank + qk_rope_head_dim` per layer), mixtures of
+    experts (`num_experts` routed experts of `moe_intermediate_size`, `num_shared_experts` always on,
+    the first `num_dense_layers` layers dense), and sliding-window attention (`num_sliding_layers`
+    layers attend to the last `sliding_window` tokens only).
+    """
 
     name: str
     hf_id: str | None = None
+    path: str | None = Field(None, description="local model directory an engine serves, when not a hub id")
+    dtype: Literal["bf16", "fp16", "fp8"] = Field("bf16", description="dtype of the released checkpoint")
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     num_attention_heads: int = Field(gt=0)
     num_kv_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0, description="from config.json; never hidden_size / heads")
-    intermediate_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="dense MLP width")
     vocab_size: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
-    params_b: float = Field(gt=0, description="total parameters, billions")
     tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # MLA (multi-head latent attention)
+    kv_lora_rank: int | None = Field(None, gt=0)
+    q_lora_rank: int | None = Field(None, gt=0)
+    qk_rope_head_dim: int = Field(0, ge=0)
+    qk_nope_head_dim: int = Field(0, ge=0)
+    v_head_dim: int = Field(0, ge=0)
+    # Mixture of experts
+    num_experts: int = Field(0, ge=0, description="routed experts per MoE layer; 0: dense model")
+    num_experts_per_tok: int = Field(0, ge=0)
+    moe_intermediate_size: int = Field(0, ge=0)
+    num_shared_experts: int = Field(0, ge=0)
+    num_dense_layers: int = Field(0, ge=0, description="leading layers with a dense MLP in a MoE model")
+    # Sliding-window attention
+    sliding_window: int | None = Field(None, gt=0)
+    num_sliding_layers: int = Field(0, ge=0)
+    params_b: float | None = Field(None, gt=0, description="published total parameters, billions; a "
+                                   "cross-check of the count computed from the architecture")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelArch":
+    def _consistent(self) -> "ModelArch":
         if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.is_mla and not (self.qk_rope_head_dim and self.qk_nope_head_dim and self.v_head_dim):
+            raise ValueError("an MLA model (kv_lora_rank set) needs qk_rope_head_dim, qk_nope_head_dim, v_head_dim")
+        if self.is_moe and not (self.num_experts_per_tok and self.moe_intermediate_size):
+            raise ValueError("a MoE model (num_experts > 0) needs num_experts_per_tok and moe_intermediate_size")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                             f"({self.num_experts})")
+        if self.num_dense_layers > self.num_layers or self.num_sliding_layers > self.num_layers:
+            raise ValueError("num_dense_layers and num_sliding_layers cannot exceed num_layers")
+        if self.num_sliding_layers and self.sliding_window is None:
+            raise ValueError("num_sliding_layers > 0 needs sliding_window")
         return self
 
     @property
-    def num_params(self) -> float:
-        return self.params_b * 1e9
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
 
-    def kv_bytes_per_token(self, kv_dtype: str, tp: int = 1) -> float:
-        """KV-cache bytes one token occupies on one GPU: 2 (K and V) x layers x kv_heads/TP x head_dim."""
-        kv_heads_per_gpu = max(1, self.num_kv_heads // tp)  # heads are replicated when TP > kv_heads
-        return 2 * self.num_layers * kv_heads_per_gpu * self.head_dim * DTYPE_BYTES[kv_dtype]
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    # ------------------------------------------------------------ parameters
+    def param_counts(self) -> dict[str, float]:
+        """Parameters by component. `attention` and `mlp` are the linear layers that weight
+        quantization compresses; `embedding`, `lm_head`, `router` and `norms` stay 16-bit."""
+        h, layers = self.hidden_size, self.num_layers
+        if self.is_mla:
+            qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank * self.num_attention_heads * qk_head
+                 if self.q_lora_rank else h * self.num_attention_heads * qk_head)
+            kv = (h * (self.kv_lora_rank + self.qk_rope_head_dim)
+                  + self.kv_lora_rank * self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim))
+            attn = q + kv + self.num_attention_heads * self.v_head_dim * h
+            attn_norms = self.kv_lora_rank + (self.q_lora_rank or 0)
+        else:
+            q_out, kv_out = self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            attn = h * (q_out + 2 * kv_out) + q_out * h + (q_out + 2 * kv_out) * self.attention_bias
+            attn_norms = 0
+        dense_mlp = 3 * h * self.intermediate_size  # gate, up, down
+        moe_layers = layers - self.num_dense_layers if self.is_moe else 0
+        expert = 3 * h * self.moe_intermediate_size
+        mlp = ((layers - moe_layers) * dense_mlp
+               + moe_layers * (self.num_experts + self.num_shared_experts) * expert)
+        embed = self.vocab_size * h
+        return {
+            "embedding": float(embed),
+            "lm_head": 0.0 if self.tie_word_embeddings else float(embed),
+            "attention": float(layers * attn),
+            "mlp": float(mlp),
+            "router": float(moe_layers * h * self.num_experts),
+            "norms": float(layers * (2 * h + attn_norms) + h),
+        }
+
+    @property
+    def num_params(self) -> float:
+        return sum(self.param_counts().values())
+
+    @property
+    def active_params(self) -> float:
+        """Parameters one token multiplies through: all but the routed experts it is not sent to."""
+        if not self.is_moe:
+            return self.num_params
+        moe_layers = self.num_layers - self.num_dense_layers
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params - moe_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
     def weight_bytes(self, weights_dtype: str) -> float:
-        """Bytes of all weights. Embeddings and the LM head stay 16-bit under weight quantization."""
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        body = self.num_params - embed
-        return body * DTYPE_BYTES[weights_dtype] + embed * DTYPE_BYTES["bf16"]
+        """Bytes of all weights when the linear layers are stored in `weights_dtype`; embeddings, the LM
+        head, MoE routers and norms stay 16-bit (as in vLLM's FP8 and AWQ/GPTQ checkpoints)."""
+        c = self.param_counts()
+        quantized = c["attention"] + c["mlp"]
+        return quantized * DTYPE_BYTES[weights_dtype] + (self.num_params - quantized) * DTYPE_BYTES["bf16"]
+
+    # ------------------------------------------------------------ KV cache
+    def kv_heads_per_gpu(self, tp: int = 1) -> int:
+        """KV heads one GPU stores: split across TP, replicated when TP exceeds them (as vLLM does)."""
+        return max(1, self.num_kv_heads // tp)
+
+    def kv_bytes_per_token_layer(self, kv_dtype: str, tp: int = 1) -> float:
+        """Bytes one token occupies in one layer's KV cache on one GPU.
+
+        GQA: K and V, kv_heads/TP heads of head_dim. MLA: one latent of kv_lora_rank + qk_rope_head_dim,
+        whole on every TP rank (the latent is not split by head)."""
+        if self.is_mla:
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * DTYPE_BYTES[kv_dtype]
+        return 2 * self.kv_heads_per_gpu(tp) * self.head_dim * DTYPE_BYTES[kv_dtype]
+
+    def kv_bytes_per_token(self, kv_dtype: str, tp: int = 1) -> float:
+        """KV bytes of one token of context in every layer, on one GPU (a sliding-window layer holds a
+        token only while it is inside the window; `kv_bytes_for_context` accounts for that)."""
+        return self.num_layers * self.kv_bytes_per_token_layer(kv_dtype, tp)
+
+    def kv_bytes_for_context(self, context_tokens: float, kv_dtype: str, tp: int = 1) -> float:
+        """KV bytes on one GPU of one request holding `context_tokens` tokens: full-attention layers
+        keep all of them, sliding-window layers at most `sliding_window`."""
+        full = self.num_layers - self.num_sliding_layers
+        windowed = min(context_tokens, self.sliding_window or 0)
+        return (full * context_tokens + self.num_sliding_layers * windowed) * self.kv_bytes_per_token_layer(
+            kv_dtype, tp)
 
     @classmethod
     def from_hf_config(cls, path: str | Path, name: str | None = None) -> "ModelArch":
-        """Read a local Hugging Face `config.json` (Llama/Qwen/Mistral-style dense models)."""
-        p = Path(path)
-        cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // heads
-        layers = cfg["num_hidden_layers"]
-        kv_heads = cfg.get("num_key_value_heads", heads)
-        inter = cfg["intermediate_size"]
-        vocab = cfg["vocab_size"]
-        tied = bool(cfg.get("tie_word_embeddings", False))
-        attn = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
-        mlp = 3 * hidden * inter
-        params = layers * (attn + mlp + 2 * hidden) + vocab * hidden * (1 if tied else 2) + hidden
-        return cls(
-            name=name or p.stem if not p.is_dir() else (name or p.name),
-            num_layers=layers,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate_size=inter,
-            vocab_size=vocab,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            params_b=params / 1e9,
-            tie_word_embeddings=tied,
+        """Read a local Hugging Face `config.json` (a file, or a directory holding one).
+
+        Understands Llama, Mistral, Qwen2/2.5/3, Qwen3-MoE, Mixtral, DeepSeek-V2/V3 (MLA + MoE), Gemma 2/3
+        and any config with `layer_types` (sliding vs full attention). Raises ConfigFileError naming the
+        missing key otherwise.
+        """
+        p = Path(path).expanduser()
+        file = p / "config.json" if p.is_dir() else p
+        try:
+            cfg = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigFileError(f"cannot read a model config from {file}: {exc}") from None
+        cfg = {**cfg.get("text_config", {}), **{k: v for k, v in cfg.items() if k != "text_config"}}
+        try:
+            fields = _hf_fields(cfg)
+        except KeyError as exc:
+            raise ConfigFileError(f"{file} has no {exc.args[0]!r}: not a decoder-only transformer config "
+                                  f"this catalogue understands") from None
+        local = p if p.is_dir() else p.parent
+        return cls(name=name or local.name, path=str(local.resolve()), **fields)
+
+
+class ConfigFileError(ValueError):
+    """A model config.json that cannot be read or understood; the message names the file and key."""
+
+
+def _sliding_layers(cfg: dict, layers: int) -> int:
+    """How many layers use sliding-window attention, by the conventions of each model family."""
+    if "layer_types" in cfg:
+        return sum(t == "sliding_attention" for t in cfg["layer_types"])
+    if not cfg.get("sliding_window") or cfg.get("use_sliding_window") is False:
+        return 0
+    if cfg.get("sliding_window_pattern"):  # Gemma 3: every Nth layer is global
+        n = int(cfg["sliding_window_pattern"])
+        return sum((i + 1) % n != 0 for i in range(layers))
+    if cfg.get("model_type") == "gemma2":  # alternating, starting with a local layer
+        return (layers + 1) // 2
+    if cfg.get("use_sliding_window") and "max_window_layers" in cfg:  # Qwen2: layers past the first N
+        return max(0, layers - int(cfg["max_window_layers"]))
+    return layers  # Mistral: every layer
+
+
+def _hf_fields(cfg: dict) -> dict:
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    layers = cfg["num_hidden_layers"]
+    experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    torch_dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    sliding = _sliding_layers(cfg, layers)
+    fields = dict(
+        hf_id=cfg.get("_name_or_path") or None,
+        dtype="fp8" if quant == "fp8" else "fp16" if torch_dtype == "float16" else "bf16",
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        # HF's own default when a config omits head_dim (Llama, Mistral, Qwen2); Qwen3 and Gemma set it.
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # Qwen2's q/k/v projections always carry a bias; others say so in attention_bias.
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        sliding_window=cfg.get("sliding_window") if sliding else None,
+        num_sliding_layers=sliding,
+    )
+    if cfg.get("kv_lora_rank"):
+        fields.update(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank"),
+                      qk_rope_head_dim=cfg["qk_rope_head_dim"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
+                      v_head_dim=cfg["v_head_dim"], head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+    if experts:
+        fields.update(
+            num_experts=experts,
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+            num_shared_experts=cfg.get("n_shared_experts") or 0,
+            num_dense_layers=cfg.get("first_k_dense_replace") or len(cfg.get("mlp_only_layers") or []),
         )
+    return fields
+
+
+def load_gpu(name: str) -> GpuSpec:
+    """A GPU of the catalogue (`conf/gpu/<name>.yaml`)."""
+    return GpuSpec(**_catalogue_entry("gpu", name))
+
+
+def load_model(name_or_path: str) -> ModelArch:
+    """A model of the catalogue (`conf/model/<name>.yaml`), or a local HF config.json (file or directory)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir() or p.suffix == ".json":
+        return ModelArch.from_hf_config(p)
+    return ModelArch(**_catalogue_entry("model", name_or_path))
+
+
+def _catalogue_entry(group: str, name: str) -> dict:
+    import yaml
+
+    from tasks.paths import CONF_DIR, register_resolvers
+
+    file = CONF_DIR / group / f"{name}.yaml"
+    if not file.is_file():
+        known = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+        hint = " or a directory holding an HF config.json" if group == "model" else ""
+        raise ConfigFileError(f"unknown {group} {name!r}: use one of {', '.join(known)}{hint}")
+    data = yaml.safe_load(file.read_text())
+    if any("${" in str(v) for v in data.values()):  # interpolations such as ${root:...}
+        from omegaconf import OmegaConf
+
+        register_resolvers()
+        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    return data

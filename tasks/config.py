@@ -57,15 +57,62 @@ class DeployConfig(_Section):
         return self.replicas * self.tp
 
 
+_WEIGHTS = ("bf16", "fp16", "fp8", "int4")
+_KV = ("bf16", "fp16", "fp8")
+
+
 class QuantConfig(_Section):
     """`weights`: a dtype, or `auto` to pick the most accurate candidate that fits the memory plan."""
 
     name: str
     weights: Literal["auto", "fp16", "bf16", "fp8", "int4"]
     kv_cache: Literal["auto", "fp16", "bf16", "fp8"] = "auto"
-    candidates: list[Literal["fp16", "bf16", "fp8", "int4"]] = ["bf16", "fp8", "int4"]
-    # Accuracy policy: the most aggressive weight dtype allowed when choosing automatically.
-    min_weights_bits: int = Field(4, ge=4, le=16)
+    # "W" (the KV dtype that goes with W) or "W/KV", most accurate first.
+    candidates: list[str] = ["bf16", "bf16/fp8", "fp8", "int4", "int4/fp8"]
+    # Quality policy for `auto`: the largest expected loss (conf/quality/ table) a candidate may have.
+    max_quality_loss_pct: float = Field(2.0, ge=0)
+    int4_method: Literal["awq", "gptq"] = "awq"
+
+    @field_validator("candidates")
+    @classmethod
+    def _pairs(cls, v: list[str]) -> list[str]:
+        pattern = rf"({'|'.join(_WEIGHTS)})(/({'|'.join(_KV)}))?"
+        for c in v:
+            if not re.fullmatch(pattern, c):
+                raise ValueError(f"candidate {c!r} is not W or W/KV with W in {_WEIGHTS} and KV in {_KV}, "
+                                 f"e.g. int4/fp8")
+        if not v:
+            raise ValueError("give at least one candidate, e.g. [bf16, fp8, int4]")
+        return v
+
+
+class QualityTable(_Section):
+    """Expected quality loss (% of the bf16 score) per weight dtype and per KV dtype; conf/quality/."""
+
+    name: str
+    weights: dict[str, float]
+    kv_cache: dict[str, float]
+
+    @model_validator(mode="after")
+    def _complete(self) -> "QualityTable":
+        for field, needed in (("weights", _WEIGHTS), ("kv_cache", _KV)):
+            missing = set(needed) - set(getattr(self, field))
+            if missing:
+                raise ValueError(f"quality.{field} has no entry for {sorted(missing)}")
+        return self
+
+
+class MemoryConfig(_Section):
+    """How the memory plan sizes an instance (vLLM's knobs and Dolphin's reserve policy)."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory vLLM may use")
+    reserve_fraction: float = Field(0.05, gt=0, le=0.2, description="cap on the activation/system reserve, "
+                                    "as a share of GPU memory")
+    block_size: int = Field(16, ge=1, description="tokens per KV block (vLLM --block-size)")
+    max_model_len: int | None = Field(None, ge=2, description="null: the trace's longest request")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="tokens per engine step (chunked prefill)")
+    prefix_discount: bool = Field(False, description="count the workload's fixed shared prefix once in "
+                                  "the KV lower bound (prefix caching on)")
 
 
 class EngineConfig(_Section):
@@ -80,6 +127,8 @@ class EngineConfig(_Section):
     crash_after_requests: int | None = Field(None, ge=1)
     executable: str | None = None
     extra_args: list[str] = []
+    # vLLM's flags and JSON config schemas change between versions (e.g. --kv-transfer-config fields).
+    vllm_version: str = Field("0.32.0", pattern=r"^\d+\.\d+(\.\d+)?$")
 
 
 class WorkloadConfig(_Section):
@@ -92,6 +141,8 @@ class WorkloadConfig(_Section):
     output_len: int | None = Field(None, ge=1)
     shared_prefix_len: int = Field(0, ge=0)
     seed: int = 0
+    # A trace whose share of bad rows (unparsable, missing or negative values) exceeds this is rejected.
+    max_bad_row_fraction: float = Field(0.01, ge=0.0, le=1.0)
 
 
 class SLOConfig(_Section):
@@ -147,6 +198,8 @@ class DolphinConfig(_Section):
     gpu: GpuSpec
     deploy: DeployConfig
     quant: QuantConfig
+    quality: QualityTable
+    memory: MemoryConfig = MemoryConfig()
     engine: EngineConfig
     workload: WorkloadConfig
     slo: SLOConfig

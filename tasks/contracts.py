@@ -35,6 +35,15 @@ class WorkloadProfile(_Contract):
     output_tokens: LengthStats
     prefix_reuse_ratio: float | None = None
     shared_prefix_len: int = 0
+    # Data rows dropped as bad, and the first of them: file line numbers with the reason of each.
+    bad_rows: int = 0
+    bad_row_lines: list[int] = []
+    bad_row_reasons: list[str] = []
+    # Requests in flight when each lasts its `latency_model` latency (see tasks.profile_stats.profile_trace):
+    # the most at once from the arrivals, and mean_qps x mean latency (Little's law). None: no model given.
+    peak_concurrency: int | None = None
+    littles_law_concurrency: float | None = None
+    latency_model: str | None = None
     # (input, output) pairs drawn from the trace, from which scenario datasets are sampled jointly.
     length_pairs: list[tuple[int, int]]
 
@@ -69,7 +78,8 @@ class MemoryPlan(_Contract):
     activation_reserve_gib: float = Field(description="per GPU")
     kv_bytes_per_token: float = Field(description="per GPU")
     kv_capacity_gib: float = Field(description="per GPU")
-    kv_capacity_tokens: int = Field(description="per instance, whole blocks")
+    kv_capacity_tokens: int = Field(description="per instance: full-attention tokens the block pool holds")
+    kv_num_blocks: int = Field(0, description="vLLM's block count (blocks of block_size tokens x one group's layers)")
     p99_context_tokens: int
     target_concurrency: int
     kv_lower_bound_gib: float = Field(description="per GPU, for target_concurrency at the p99 context")
@@ -77,6 +87,7 @@ class MemoryPlan(_Contract):
     feasible: bool
     reason: str
     shortfall_gib: float = 0.0
+    min_tp: int | None = Field(None, description="smallest TP (1/2/4/8) at which this plan fits; null: none")
     knobs: EngineKnobs
 
 
@@ -91,6 +102,9 @@ class QuantChoice(_Contract):
     reason: str
     plan: MemoryPlan
     rejected: list[Rejection] = []
+    expected_quality_loss_pct: float = 0.0
+    vllm_args: list[str] = Field([], description="e.g. --quantization fp8 --kv-cache-dtype fp8")
+    sglang_args: list[str] = []
 
 
 # ---------------------------------------------------------------- launch

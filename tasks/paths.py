@@ -21,8 +21,8 @@ def home() -> Path:
 
 def resolve_root(rel: str = "") -> str:
     p = Path(rel)
-    # Shipped data always comes from the repository; outputs go under DOLPHIN_HOME.
-    base = REPO_ROOT if p.parts[:1] == ("data",) else home()
+    # Shipped data and what `make engines` builds come from the repository; outputs go under DOLPHIN_HOME.
+    base = REPO_ROOT if p.parts[:1] in (("data",), (".engines",)) else home()
     return str(p if p.is_absolute() else (base / p))
 
 

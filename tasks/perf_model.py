@@ -67,7 +67,7 @@ class PerfModel:
 
         embed = model.vocab_size * model.hidden_size
         # The embedding lookup gathers T rows: it is neither a GEMM nor streamed. Tied, it is the LM head.
-        self.gemm_params = model.num_params - (0 if model.tie_word_embeddings else embed)
+        self.gemm_params = model.active_params - (0 if model.tie_word_embeddings else embed)
         lookup_bytes = 0 if model.tie_word_embeddings else embed * DTYPE_BYTES["bf16"]
         self.weight_bytes_per_gpu = (model.weight_bytes(weights_dtype) - lookup_bytes) / tp
         self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, tp)  # per GPU

@@ -165,7 +165,10 @@ def collect_metrics(quant: QuantChoice | None, bench: BenchResult | None,
     if quant is not None:
         plan = quant.plan
         summary |= {"weights_gib": plan.weights_gib, "kv_lower_bound_gib": plan.kv_lower_bound_gib,
-                    "kv_capacity_tokens": plan.kv_capacity_tokens, "kv_capacity_gib": plan.kv_capacity_gib}
+                    "kv_capacity_tokens": plan.kv_capacity_tokens, "kv_capacity_gib": plan.kv_capacity_gib,
+                    "kv_num_blocks": plan.kv_num_blocks, "target_concurrency": plan.target_concurrency,
+                    "max_concurrency_at_p99": plan.max_concurrency_at_p99,
+                    "expected_quality_loss_pct": quant.expected_quality_loss_pct}
     if bench is not None:
         summary["max_sustainable_qps"] = bench.max_sustainable_qps
         best = next((lv for lv in bench.levels if lv.index == bench.best_level), None)

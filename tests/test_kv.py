@@ -1,46 +1,134 @@
-"""The memory plan: vLLM's KV sizing figures, GQA and TP arithmetic, feasibility and its shortfall."""
+"""The memory plan and `dolphin kv`: vLLM's KV sizing figures, GQA/MLA/sliding-window arithmetic, TP,
+feasibility and its shortfall."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
-import yaml
 
-from tasks.catalog import GIB, GpuSpec, ModelArch
-from tasks.config import DeployConfig, PoolSpec, SLOConfig
-from tasks.kv import activation_reserve_bytes, kv_capacity_tokens, plan_memory
-from tasks.paths import CONF_DIR, REPO_ROOT
-from tasks.profile import profile_trace, read_trace, synthetic_profile
+from tasks.catalog import GIB, ModelArch, load_gpu, load_model
+from tasks.config import DeployConfig, MemoryConfig, PoolSpec, SLOConfig
+from tasks.kv import plan_memory
+from tasks.kv_sizing import activation_reserve_bytes, kv_capacity_tokens, kv_groups, vllm_kv_capacity
+from tasks.paths import REPO_ROOT
+from tasks.profile_stats import profile_trace, synthetic_profile
+from tasks.trace import read_trace
 
 AGG = DeployConfig(mode="agg")
 SLO = SLOConfig(targets={"e2el_ms_p99": 2000})
+TINY = dict(name="tiny", num_layers=2, hidden_size=256, num_attention_heads=4, num_kv_heads=2, head_dim=64,
+            intermediate_size=512, vocab_size=1000, max_position_embeddings=2048)
 
 
 def model(name: str) -> ModelArch:
-    return ModelArch(**yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text()))
+    return load_model(name)
 
 
-def gpu(name: str) -> GpuSpec:
-    return GpuSpec(**yaml.safe_load((CONF_DIR / "gpu" / f"{name}.yaml").read_text()))
+def gpu(name: str):
+    return load_gpu(name)
+
+
+def dolphin_kv(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "kv", *args, "--json"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def test_one_gib_holds_a_million_tokens_of_a_tiny_model():
-    tiny = ModelArch(name="tiny", num_layers=2, hidden_size=256, num_attention_heads=4, num_kv_heads=2,
-                     head_dim=64, intermediate_size=512, vocab_size=1000, max_position_embeddings=2048,
-                     params_b=0.001)
+    tiny = ModelArch(**TINY)
     bpt = tiny.kv_bytes_per_token("bf16")
     assert bpt == 2 * 2 * 2 * 64 * 2
+    kv = vllm_kv_capacity(tiny, 1 * GIB, "bf16", tp=1, block_size=16, max_model_len=2048)
+    assert kv.num_blocks * 16 == kv.logged_tokens == 1_048_576
+    assert kv.max_concurrency == 512  # 65,536 blocks / (2048 / 16) blocks per request
     assert kv_capacity_tokens(1 * GIB, bpt, 16) == 1_048_576
 
 
-def test_llama_8b_blocks_match_vllm():
-    bpt = model("llama-3.1-8b").kv_bytes_per_token("bf16")
-    assert bpt == 131072  # GQA: 8 KV heads of 128, not 32 attention heads
-    # vLLM logged 1,952 blocks (31,232 tokens) for "3.81 GiB", which it had rounded for the log.
-    tokens = kv_capacity_tokens(3.81 * GIB, bpt, 16)
-    assert tokens % 16 == 0 and tokens // 16 == 1950
-    assert kv_capacity_tokens(3.8125 * GIB, bpt, 16) == 31_232
-    assert kv_capacity_tokens(-1.0, bpt, 16) == 0
+def test_llama_8b_matches_vllms_log():
+    # vLLM logged 1,952 blocks (31,232 tokens) and 1.56x for max_model_len 20,000 with "3.81 GiB", a figure
+    # it rounds for the log: 1,952 blocks are 3.8125 GiB.
+    m = model("llama-3.1-8b")
+    assert m.kv_bytes_per_token("bf16") == 131072  # GQA: 8 KV heads of 128, not 32 attention heads
+    kv = vllm_kv_capacity(m, 3.8125 * GIB, "bf16", 1, 16, 20_000)
+    assert (kv.num_blocks, kv.logged_tokens, round(kv.max_concurrency, 2)) == (1952, 31_232, 1.56)
+    assert vllm_kv_capacity(m, 3.81 * GIB, "bf16", 1, 16, 20_000).num_blocks == 1950
+    # The CLI says the same, and what the log's rounding leaves open.
+    out = dolphin_kv("--model", "llama-3.1-8b", "--kv-gib", "3.81", "--block-size", "16", "--max-model-len", "20000")
+    assert out["kv_bytes_per_token"] == 131072 and out["num_blocks"] == 1950
+    lo, hi = out["num_blocks_if_rounded"]
+    assert lo <= 1952 <= hi
+    exact = dolphin_kv("--model", "llama-3.1-8b", "--kv-gib", "3.8125", "--max-model-len", "20000")
+    assert (exact["num_blocks"], exact["kv_capacity_tokens"]) == (1952, 31_232)
+    assert round(exact["max_concurrency"], 2) == 1.56
+
+
+def test_logged_tokens_follow_whole_blocks_per_request():
+    # vLLM 0.32 logs int(concurrency x max_model_len), concurrency counting whole blocks per request.
+    kv = vllm_kv_capacity(ModelArch(**TINY), 1 * GIB, "bf16", 1, 16, 3000)
+    assert kv.max_concurrency == 65_536 / math.ceil(3000 / 16)
+    assert kv.logged_tokens == int(65_536 / 188 * 3000) < kv.pool_tokens == 1_048_576
+
+
+def test_head_dim_is_read_not_derived(tmp_path):
+    cfg = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_hidden_layers": 64,
+           "hidden_size": 5120, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+           "intermediate_size": 25600, "vocab_size": 151936, "max_position_embeddings": 40960,
+           "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert m.head_dim == 128 != 5120 // 64
+    assert m.kv_bytes_per_token("bf16") == model("qwen3-32b").kv_bytes_per_token("bf16") == 2 * 64 * 8 * 128 * 2
+    out = dolphin_kv("--model", str(tmp_path), "--kv-gib", "1", "--max-model-len", "4096")
+    assert out["kv_bytes_per_token"] == 262144 and out["num_blocks"] == GIB // (16 * 262144)
+
+
+def test_mla_latent_is_whole_on_every_tp_rank():
+    ds = model("deepseek-v3")
+    assert ds.is_mla and ds.kv_bytes_per_token("bf16") == 61 * (512 + 64) * 2
+    assert ds.kv_bytes_per_token("bf16", tp=8) == ds.kv_bytes_per_token("bf16", tp=1)
+    assert ds.kv_bytes_per_token("fp8") == 61 * 576
+    llama = model("llama-3.1-70b")
+    assert llama.kv_bytes_per_token("bf16", tp=4) == llama.kv_bytes_per_token("bf16") / 4
+    # TP beyond the KV heads replicates them (vLLM keeps at least one head per rank).
+    assert llama.kv_bytes_per_token("bf16", tp=16) == llama.kv_bytes_per_token("bf16", tp=8)
+
+
+def test_moe_weights_and_active_parameters():
+    mix = model("mixtral-8x7b")
+    assert mix.is_moe and mix.active_params / 1e9 == pytest.approx(12.9, rel=0.01)
+    ds = model("deepseek-v3")
+    assert ds.active_params / 1e9 == pytest.approx(37, rel=0.03)
+    # Only the linear layers shrink: embeddings, LM head, routers and norms stay 16-bit.
+    c = mix.param_counts()
+    assert mix.weight_bytes("fp8") == pytest.approx((c["attention"] + c["mlp"]) + 2 * (mix.num_params - c["attention"] - c["mlp"]))
+    assert mix.weight_bytes("bf16") == 2 * mix.num_params
+
+
+def test_sliding_window_groups_and_concurrency(tmp_path):
+    # A Gemma-3-like layout: 5 local layers per global one, a 1,024-token window.
+    cfg = {"model_type": "gemma3_text", "num_hidden_layers": 12, "hidden_size": 1024, "num_attention_heads": 8,
+           "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 4096, "vocab_size": 1000,
+           "max_position_embeddings": 32768, "sliding_window": 1024, "sliding_window_pattern": 6}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert (m.num_sliding_layers, m.sliding_window) == (10, 1024)
+    # vLLM: 2 full + 10 sliding layers -> groups of 2 layers: 1 full group, 5 sliding groups.
+    assert kv_groups(m) == (("full", 2),) + (("sliding", 2),) * 5
+    kv = vllm_kv_capacity(m, 1 * GIB, "bf16", 1, 16, 32768, max_in_flight_tokens=8192)
+    page = 16 * 2 * 4 * 128 * 2
+    assert kv.num_blocks == GIB // (2 * page)
+    # Per request: every token in the full group, window - 1 + in-flight tokens (+1 block) per sliding group.
+    per_request = 32768 // 16 + 5 * (math.ceil((1024 - 1 + 8192) / 16) + 1)
+    assert kv.max_concurrency == kv.num_blocks / per_request
+    # A short request never fills the window, and memory per request is capped by it.
+    assert m.kv_bytes_for_context(100_000, "bf16") == (2 * 100_000 + 10 * 1024) * 2 * 4 * 128 * 2
+    # Off, the hybrid manager treats every layer as full attention.
+    assert kv_groups(m, hybrid=False) == (("full", 12),)
+    mistral = ModelArch(**{**TINY, "sliding_window": 512, "num_sliding_layers": 2})
+    assert kv_groups(mistral) == (("sliding", 2),)
 
 
 def test_tp_halves_kv_bytes_per_gpu():
@@ -61,10 +149,11 @@ def test_8b_on_h100_is_feasible():
     prof = profile_trace(read_trace(REPO_ROOT / "data" / "traces" / "azure_llm_2023_code.csv"), "azure")
     m, g = model("llama-3.1-8b"), gpu("h100")
     plan = plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16")
-    assert plan.feasible and plan.shortfall_gib == 0
+    assert plan.feasible and plan.shortfall_gib == 0 and plan.min_tp == 1
     free = g.memory_bytes * 0.9 - m.weight_bytes("bf16") - plan.activation_reserve_gib * GIB
-    assert plan.kv_capacity_gib == pytest.approx(free / GIB)
+    assert plan.kv_capacity_gib == pytest.approx(free / GIB, abs=1e-6)
     assert plan.kv_capacity_tokens == kv_capacity_tokens(free, 131072, 16)
+    assert plan.kv_num_blocks * 16 == plan.kv_capacity_tokens
     assert 45 < plan.kv_capacity_gib < 56  # vLLM reports ~50-54 GiB for this setup
     assert plan.knobs.max_model_len == math.ceil((prof.input_tokens.max + prof.output_tokens.max) / 16) * 16
     mean_ctx = math.ceil(prof.input_tokens.mean + prof.output_tokens.mean)
@@ -73,20 +162,22 @@ def test_8b_on_h100_is_feasible():
     assert str(plan.target_concurrency) in plan.reason
 
 
-def test_70b_on_a10_is_infeasible_with_its_shortfall():
+def test_70b_on_a10_is_infeasible_with_its_shortfall_and_the_tp_that_fits():
     m, g = model("llama-3.1-70b"), gpu("a10")
     prof = synthetic_profile(100, 10, qps=1.0, n=50)
     plan = plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16")
     assert not plan.feasible and plan.kv_capacity_tokens == 0
     budget_gib = 0.9 * g.memory_gib
-    assert plan.weights_gib - budget_gib == pytest.approx(131.6 - 19.8, abs=0.2)  # weights alone
     assert plan.shortfall_gib == pytest.approx(
         plan.weights_gib + plan.activation_reserve_gib + plan.kv_lower_bound_gib - budget_gib)
-    assert 112 < plan.shortfall_gib < 113.5
-    for fix in ("tensor parallelism", "quant=int4", "a10", f"{plan.shortfall_gib:.1f} GiB"):
+    assert 111 < plan.shortfall_gib < 113.5
+    assert plan.min_tp == 8  # 131 GiB of weights: 16.4 GiB per GPU at TP 8, of 19.8 usable
+    assert plan_memory(m, g, AGG, synthetic_profile(30000, 10, qps=4.0, n=50), SLO, "bf16", "bf16").min_tp is None
+    for fix in ("tensor parallelism 8", "quant=int4", "a10", f"{plan.shortfall_gib:.1f} GiB"):
         assert fix in plan.reason
     assert "quant=fp8" not in plan.reason  # the A10 has no FP8; on an H100 it is a fix
-    assert "quant=fp8" in plan_memory(m, gpu("h100"), AGG, prof, SLO, "bf16", "bf16").reason
+    on_h100 = plan_memory(m, gpu("h100"), AGG, prof, SLO, "bf16", "bf16")
+    assert "quant=fp8" in on_h100.reason and on_h100.min_tp == 2 and "tensor parallelism 2" in on_h100.reason
 
 
 def test_lower_bound_math_and_a_kv_shortfall():
@@ -97,27 +188,57 @@ def test_lower_bound_math_and_a_kv_shortfall():
     assert plan.p99_context_tokens == 8200
     assert plan.target_concurrency == 6  # 1.5 QPS x the p99 E2EL bound of 4 s
     assert plan.kv_lower_bound_gib == pytest.approx(6 * 8200 * 131072 / GIB)
-    assert plan.max_concurrency_at_p99 == pytest.approx(plan.kv_capacity_tokens / 8200)
+    assert plan.max_concurrency_at_p99 == pytest.approx(plan.kv_num_blocks / math.ceil(8200 / 16))
     assert plan.weights_gib + plan.activation_reserve_gib < 0.9 * g.memory_gib  # weights fit, KV does not
     assert not plan.feasible
-    assert plan.shortfall_gib == pytest.approx(plan.kv_lower_bound_gib - plan.kv_capacity_tokens * 131072 / GIB)
-    assert "KV cache holds" in plan.reason
+    need_blocks = 6 * math.ceil(8200 / 16)
+    assert plan.shortfall_gib == pytest.approx((need_blocks - plan.kv_num_blocks) * 16 * 131072 / GIB)
+    assert "KV cache holds" in plan.reason and "short by" in plan.reason
     # Without an E2EL target the latency is 2 s, and without target_qps the profile's mean QPS.
     ttft_only = plan_memory(m, g, AGG, prof, SLOConfig(targets={"ttft_ms_p99": 300}), "bf16", "bf16")
     assert ttft_only.target_concurrency == 2 and ttft_only.feasible
 
 
+def test_prefix_discount_counts_a_shared_prefix_once():
+    m, g = model("qwen3-32b"), gpu("h100")
+    prof = synthetic_profile(4900, 10, qps=4.0, n=100, shared_prefix_len=4500)
+    slo = SLOConfig(targets={"e2el_ms_p99": 2000})
+    full = plan_memory(m, g, AGG, prof, slo, "fp8", "fp8")
+    shared = plan_memory(m, g, AGG, prof, slo, "fp8", "fp8", MemoryConfig(prefix_discount=True))
+    bpt = m.kv_bytes_per_token("fp8")
+    assert full.kv_lower_bound_gib == pytest.approx(8 * 4910 * bpt / GIB)
+    assert shared.kv_lower_bound_gib == pytest.approx((8 * 410 + 4500) * bpt / GIB)
+
+
 def test_explicit_max_model_len():
     m, g = model("llama-3.1-8b"), gpu("h100")
     prof = synthetic_profile(1000, 100, qps=1.0, n=50)
-    assert plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16", max_model_len=4096).knobs.max_model_len == 4096
-    huge = plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16", max_model_len=10_000_000)
+    assert plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16",
+                       MemoryConfig(max_model_len=4096)).knobs.max_model_len == 4096
+    huge = plan_memory(m, g, AGG, prof, SLO, "bf16", "bf16", MemoryConfig(max_model_len=10_000_000))
     assert not huge.feasible and "max_model_len" in huge.reason
 
 
 @pytest.mark.parametrize("gpu_name", ["a10", "l20", "h100"])
-@pytest.mark.parametrize("model_name", ["llama-3.1-8b", "llama-3.1-70b"])
+@pytest.mark.parametrize("model_name", ["llama-3.1-8b", "llama-3.1-70b", "qwen3-30b-a3b"])
 def test_activation_reserve_is_bounded(gpu_name, model_name):
     g = gpu(gpu_name)
     act = activation_reserve_bytes(model(model_name), g, tp=1)
     assert 0.5 * GIB <= act <= 0.05 * g.memory_bytes
+    assert activation_reserve_bytes(model(model_name), g, tp=1, cap_fraction=0.01) <= 0.01 * g.memory_bytes
+
+
+def test_kv_cli_errors_are_one_sentence():
+    for args, needle in ((["--model", "llama-3.1-8b"], "--kv-gib"),
+                         (["--model", "no-such-model", "--kv-gib", "1"], "unknown model"),
+                         (["--model", "llama-3.1-8b", "--gpu", "h100", "--tp", "3"], "--tp 3")):
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "kv", *args], cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kv_cli_with_a_gpu_matches_the_plan():
+    out = dolphin_kv("--model", "llama-3.1-8b", "--gpu", "h100", "--max-model-len", "9344")
+    prof = profile_trace(read_trace(REPO_ROOT / "data" / "traces" / "azure_llm_2023_code.csv"), "azure")
+    plan = plan_memory(model("llama-3.1-8b"), gpu("h100"), AGG, prof, SLO, "bf16", "bf16")
+    assert out["num_blocks"] == plan.kv_num_blocks and out["kv_gib"] == pytest.approx(plan.kv_capacity_gib)

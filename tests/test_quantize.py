@@ -1,93 +1,125 @@
-"""Quantization: candidates by accuracy policy and GPU, the first plan that fits, fail-fast checks."""
+"""Quantization: candidates by GPU support and quality budget, the first plan that fits, engine flags."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from tasks.config import ConfigError, DeployConfig, QuantConfig, SLOConfig
+from tasks.catalog import GpuSpec, load_gpu, load_model
+from tasks.config import ConfigError, DeployConfig, QualityTable, QuantConfig, SLOConfig
 from tasks.kv import kv_task
-from tasks.profile import synthetic_profile
-from tasks.quantize import check_quant, quant_task, select_quant, weight_candidates
-from tests.test_kv import gpu, model
+from tasks.paths import CONF_DIR
+from tasks.profile_stats import synthetic_profile
+from tasks.quantize import candidate_pairs, check_quant, engine_flags, quant_task, select_quant
 
-AUTO = QuantConfig(name="auto", weights="auto")
+QUALITY = QualityTable(**yaml.safe_load((CONF_DIR / "quality" / "published.yaml").read_text()))
+AUTO = QuantConfig(**yaml.safe_load((CONF_DIR / "quant" / "auto.yaml").read_text()))
 SLO = SLOConfig(targets={"e2el_ms_p99": 2000})
 PROFILE = synthetic_profile(3000, 150, qps=2.0, n=100)
 
 
 def choose(model_name: str, gpu_name: str, quant: QuantConfig = AUTO, tp: int = 1):
-    m, g = model(model_name), gpu(gpu_name)
-    plans = kv_task.fn(m, g, DeployConfig(mode="agg", tp=tp), quant, PROFILE, SLO)
-    return quant_task.fn(plans, g, quant)
+    m, g = load_model(model_name), load_gpu(gpu_name)
+    plans = kv_task.fn(m, g, DeployConfig(mode="agg", tp=tp), quant, QUALITY, PROFILE, SLO)
+    return quant_task.fn(plans, g, quant, m, QUALITY)
 
 
 def test_auto_picks_bf16_when_it_fits():
     choice = choose("llama-3.1-8b", "h100")
     assert (choice.weights_dtype, choice.kv_dtype) == ("bf16", "bf16")
-    assert choice.plan.feasible and choice.rejected == []
+    assert choice.plan.feasible and choice.rejected == [] and choice.expected_quality_loss_pct == 0
     assert f"{choice.plan.kv_capacity_gib:.1f} GiB" in choice.reason
+    assert choice.vllm_args == ["--dtype", "bfloat16"] == choice.sglang_args
 
 
-def test_auto_falls_back_to_smaller_dtypes_in_order():
-    # 70B on one H100: bf16 (131 GiB) does not fit; fp8 (~68 GiB of 71 usable) leaves too little KV; int4 fits.
-    choice = choose("llama-3.1-70b", "h100")
+def test_auto_falls_back_in_order_and_says_why():
+    # 70B on one A100: 16-bit weights (131 GiB) cannot fit, the A100 has no FP8, int4 (37 GiB) fits.
+    choice = choose("llama-3.1-70b", "a100")
     assert (choice.weights_dtype, choice.kv_dtype) == ("int4", "bf16") and choice.plan.feasible
-    assert [r.candidate for r in choice.rejected] == ["bf16", "fp8"]
-    assert all("short by" in r.reason for r in choice.rejected)
-    # On an H200 fp8 fits, with its FP8 KV cache; bf16 still does not.
-    choice = choose("llama-3.1-70b", "h200")
-    assert (choice.weights_dtype, choice.kv_dtype) == ("fp8", "fp8")
-    assert [r.candidate for r in choice.rejected] == ["bf16"]
+    reasons = {r.candidate: r.reason for r in choice.rejected}
+    assert list(reasons) == ["bf16/bf16", "bf16/fp8", "fp8/fp8"]  # the more accurate ones, in order
+    assert "short by" in reasons["bf16/bf16"]  # memory
+    assert "8.9" in reasons["fp8/fp8"] and "8.0" in reasons["fp8/fp8"]  # the GPU
+    assert "8.9" in reasons["bf16/fp8"]  # an fp8 KV cache needs FP8 support too
+    assert choice.vllm_args == ["--quantization", "awq_marlin"]
+    # On an H200 fp8 fits; the 16-bit candidates are rejected for memory, with the smallest TP that fits.
+    h200 = choose("llama-3.1-70b", "h200")
+    assert (h200.weights_dtype, h200.kv_dtype) == ("fp8", "fp8") and h200.plan.feasible
+    assert [r.candidate for r in h200.rejected] == ["bf16/bf16", "bf16/fp8"]
+    assert "tensor parallelism 2" in h200.rejected[0].reason
+    assert h200.vllm_args == ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]
+    assert h200.sglang_args == ["--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"]
     # With TP 4 on H100s, bf16 fits.
     assert choose("llama-3.1-70b", "h100", tp=4).weights_dtype == "bf16"
 
 
-def test_fp8_rejected_on_a10_with_the_reason():
-    pairs, rejected = weight_candidates(AUTO, gpu("a10"))
+def test_quality_budget_rules_out_lossy_candidates():
+    strict = AUTO.model_copy(update={"max_quality_loss_pct": 1.0})
+    pairs, rejected = candidate_pairs(strict, load_gpu("h100"), QUALITY)
+    assert pairs == [("bf16", "bf16"), ("bf16", "fp8"), ("fp8", "fp8")]
+    assert [r.candidate for r in rejected] == ["int4/bf16", "int4/fp8"]
+    assert "expected quality loss 2%" in rejected[0].reason and "max_quality_loss_pct=1" in rejected[0].reason
+    assert "2.5%" in rejected[1].reason  # weights' and KV's losses add
+    # Nothing fits the 70B on one A100 within 1%: the first plan is reported, infeasible, with its reason.
+    choice = choose("llama-3.1-70b", "a100", strict)
+    assert not choice.plan.feasible and choice.plan.reason in choice.reason
+    # A table of one's own evals changes the verdict.
+    lenient = QUALITY.model_copy(update={"weights": {**QUALITY.weights, "int4": 0.8}})
+    pairs, _ = candidate_pairs(strict, load_gpu("h100"), lenient)
+    assert ("int4", "bf16") in pairs
+
+
+def test_gpu_support_by_compute_capability():
+    pairs, rejected = candidate_pairs(AUTO, load_gpu("a10"), QUALITY)
     assert pairs == [("bf16", "bf16"), ("int4", "bf16")]
-    assert [r.candidate for r in rejected] == ["fp8"]
-    assert "a10" in rejected[0].reason and "8.6" in rejected[0].reason and "8.9" in rejected[0].reason
-    choice = choose("llama-3.1-8b", "a10")  # bf16 fits; the GPU's rejection is still reported
-    assert choice.weights_dtype == "bf16" and choice.rejected == rejected
-
-
-def test_accuracy_policy_and_nothing_feasible():
-    strict = QuantConfig(name="auto", weights="auto", min_weights_bits=8)
-    pairs, rejected = weight_candidates(strict, gpu("h100"))
-    assert pairs == [("bf16", "bf16"), ("fp8", "fp8")]
-    assert rejected[0].candidate == "int4" and "min_weights_bits=8" in rejected[0].reason
-    choice = choose("llama-3.1-70b", "h100", strict)
-    assert not choice.plan.feasible and choice.weights_dtype == "bf16"  # the first plan, with its reason
-    assert choice.plan.reason in choice.reason
-    assert [r.candidate for r in choice.rejected] == ["fp8", "int4"]
+    assert {r.candidate for r in rejected} == {"bf16/fp8", "fp8/fp8", "int4/fp8"}
+    t4 = load_gpu("a10").model_copy(update={"name": "t4", "compute_capability": "7.5"})
+    pairs, rejected = candidate_pairs(AUTO, t4, QUALITY)
+    assert pairs == [("bf16", "bf16")]
+    assert any("Marlin" in r.reason and "7.5" in r.reason for r in rejected)
+    with pytest.raises(ValueError, match="fp8_tflops"):  # catalogue entries must agree with their arch
+        GpuSpec(**{**load_gpu("a10").model_dump(), "fp8_tflops": 100.0})
 
 
 def test_explicit_weights_and_kv_dtypes():
-    h100 = gpu("h100")
-    assert weight_candidates(QuantConfig(name="fp16", weights="bf16"), h100)[0] == [("bf16", "bf16")]
-    assert weight_candidates(QuantConfig(name="x", weights="fp16"), h100)[0] == [("fp16", "fp16")]
-    assert weight_candidates(QuantConfig(name="fp8", weights="fp8", kv_cache="fp8"), h100)[0] == [("fp8", "fp8")]
-    assert weight_candidates(QuantConfig(name="int4", weights="int4"), h100)[0] == [("int4", "bf16")]
-    kv8 = QuantConfig(name="auto", weights="auto", kv_cache="fp8")
-    assert [kv for _, kv in weight_candidates(kv8, h100)[0]] == ["fp8"] * 3
+    h100 = load_gpu("h100")
+
+    def pairs(**kw):
+        return candidate_pairs(QuantConfig(name="x", **kw), h100, QUALITY)[0]
+    assert pairs(weights="bf16") == [("bf16", "bf16")]
+    assert pairs(weights="fp16") == [("fp16", "fp16")]
+    assert pairs(weights="fp8", kv_cache="fp8") == [("fp8", "fp8")]
+    assert pairs(weights="int4") == [("int4", "bf16")]
+    # An explicit pair is planned whatever its expected loss; `auto` candidates obey the budget.
+    assert pairs(weights="int4", kv_cache="fp8", max_quality_loss_pct=0) == [("int4", "fp8")]
+    assert [kv for _, kv in candidate_pairs(AUTO.model_copy(update={"kv_cache": "fp8"}), h100, QUALITY)[0]] \
+        == ["fp8", "fp8", "fp8"]
     # An explicit request that does not fit is still the choice, infeasible, so the pipeline stops.
     choice = choose("llama-3.1-70b", "h100", QuantConfig(name="fp16", weights="bf16"))
     assert choice.weights_dtype == "bf16" and not choice.plan.feasible
 
 
+def test_engine_flags_follow_the_checkpoint():
+    llama, deepseek = load_model("llama-3.1-8b"), load_model("deepseek-v3")
+    assert engine_flags("fp8", "fp8", llama)["vllm"] == ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]
+    assert engine_flags("fp8", "bf16", deepseek) == {"vllm": [], "sglang": []}  # an FP8 checkpoint says so
+    assert engine_flags("int4", "bf16", llama, "gptq")["sglang"] == ["--quantization", "gptq_marlin"]
+    assert engine_flags("fp16", "fp16", llama)["vllm"] == ["--dtype", "float16"]
+
+
 def test_check_quant_fails_fast():
     with pytest.raises(ConfigError) as err:
-        check_quant(QuantConfig(name="fp8", weights="fp8", kv_cache="fp8"), gpu("a10"))
-    assert str(err.value) == ("quant=fp8 needs FP8 tensor cores (compute capability >= 8.9); gpu=a10 has 8.6. "
-                              "Use quant=fp16 or quant=int4, or a GPU such as l20/h100.")
-    with pytest.raises(ConfigError, match="kv_cache"):
-        check_quant(QuantConfig(name="auto", weights="auto", kv_cache="fp8"), gpu("a10"))
+        check_quant(QuantConfig(name="fp8", weights="fp8", kv_cache="fp8"), load_gpu("a10"), QUALITY)
+    assert "quant=fp8" in str(err.value) and "8.6" in str(err.value) and "l20/l40s/h100" in str(err.value)
+    with pytest.raises(ConfigError, match="KV"):
+        check_quant(QuantConfig(name="x", weights="bf16", kv_cache="fp8"), load_gpu("a10"), QUALITY)
     with pytest.raises(ConfigError, match="no candidate"):
-        check_quant(QuantConfig(name="auto", weights="auto", candidates=["fp8"]), gpu("a10"))
-    check_quant(QuantConfig(name="fp8", weights="fp8", kv_cache="fp8"), gpu("l20"))
-    check_quant(AUTO, gpu("a10"))
-    check_quant(QuantConfig(name="int4", weights="int4"), gpu("a10"))
+        check_quant(AUTO.model_copy(update={"candidates": ["fp8"]}), load_gpu("a10"), QUALITY)
+    check_quant(QuantConfig(name="fp8", weights="fp8", kv_cache="fp8"), load_gpu("l20"), QUALITY)
+    check_quant(AUTO, load_gpu("a10"), QUALITY)
+    with pytest.raises(ValueError, match="candidate 'int3'"):
+        QuantConfig(name="x", weights="auto", candidates=["int3"])
 
 
 def test_select_quant_needs_a_plan():
     with pytest.raises(ValueError):
-        select_quant([], [], AUTO)
+        select_quant([], [], AUTO, load_model("llama-3.1-8b"), QUALITY)

@@ -11,9 +11,10 @@ from tasks.bench.search import run_slo_search
 from tasks.catalog import GpuSpec, ModelArch
 from tasks.config import BenchConfig, SLOConfig, WorkloadConfig
 from tasks.contracts import BenchResult, LevelResult, QuantChoice, WorkloadProfile
-from tasks.dataset import build_dataset
+from tasks.dataset import scenario_requests
 from tasks.launch import EngineHandle
 from tasks.perf_model import PerfModel
+from tasks.tokenizer import load_tokenizer
 
 # Distinct requests per run; levels cycle through them.
 MAX_DISTINCT_REQUESTS = 2000
@@ -32,13 +33,11 @@ def start_qps_hint(quant: QuantChoice, profile: WorkloadProfile, model: ModelArc
 def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoice, model: ModelArch,
                gpu: GpuSpec, bench: BenchConfig, slo: SLOConfig, workload: WorkloadConfig,
                run_dir: Path) -> BenchResult:
-    requests = build_dataset(
-        profile,
-        n=min(MAX_DISTINCT_REQUESTS, 2 * bench.requests_per_level),
-        seed=bench.seed,
-        max_model_len=quant.plan.knobs.max_model_len,
-        shared_prefix_len=workload.shared_prefix_len or None,
-    )
+    # A real engine counts prompt tokens with the model's own tokenizer; the sim engine counts words.
+    tokenizer = load_tokenizer(model.path) if model.path and not handle.endpoint.simulated else None
+    requests = scenario_requests(profile, workload, n=min(MAX_DISTINCT_REQUESTS, 2 * bench.requests_per_level),
+                                 seed=bench.seed, max_model_len=quant.plan.knobs.max_model_len,
+                                 tokenizer=tokenizer)
 
     logger = get_run_logger()
 
