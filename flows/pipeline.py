@@ -121,8 +121,14 @@ def pipeline(resolved: dict[str, Any]) -> PipelineOutcome:
 
 def _track(out: PipelineOutcome, resolved: dict, run_dir: Path) -> TrackResult:
     extra = {"cost_per_mtok_usd": out.cost_per_mtok} if out.cost_per_mtok is not None else {}
+    if out.endpoint and out.endpoint.engine_kv_tokens is not None:  # what the engine logged at startup
+        extra["engine_kv_capacity_tokens"] = out.endpoint.engine_kv_tokens
     if out.bench:  # engine-side counters, e.g. engine_vllm_num_preemptions_total
-        extra |= {"engine_" + k.replace(":", "_"): v for k, v in out.bench.engine_metrics.items()}
+        em = out.bench.engine_metrics
+        extra |= {"engine_" + k.replace(":", "_"): v for k, v in em.items()}
+        drafted = em.get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+        if drafted > 0:  # share of proposed draft tokens the target model accepted
+            extra["spec_acceptance_rate"] = em.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafted
     (run_dir / "summary.json").write_text(json.dumps({"status": out.status, "error": out.error, **extra}))
     return track_task(
         resolved=resolved,

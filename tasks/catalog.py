@@ -37,6 +37,7 @@ class GpuSpec(_Spec):
 
     name: str
     display_name: str
+    device: Literal["cuda", "cpu"] = Field("cuda", description="cpu: the host runs vLLM's CPU build (tests)")
     memory_gb: float = Field(gt=0, description="nominal memory on the datasheet (GB as the vendor counts it)")
     memory_gib: float = Field(
         gt=0, description="usable: total device memory as CUDA reports it, GiB (an '80GB' H100 shows "

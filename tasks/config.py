@@ -113,6 +113,11 @@ class MemoryConfig(_Section):
     max_num_batched_tokens: int = Field(8192, ge=1, description="tokens per engine step (chunked prefill)")
     prefix_discount: bool = Field(False, description="count the workload's fixed shared prefix once in "
                                   "the KV lower bound (prefix caching on)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV memory per GPU; null: what is left of "
+                                       "gpu_memory_utilization after weights and the reserve")
+    # Pass the planned KV size to vLLM (--kv-cache-memory-bytes), so the engine allocates exactly the plan
+    # and the launch can check the capacity it logs against the plan's.
+    pin_kv_cache: bool = True
 
 
 class EngineConfig(_Section):
@@ -127,6 +132,7 @@ class EngineConfig(_Section):
     crash_after_requests: int | None = Field(None, ge=1)
     executable: str | None = None
     extra_args: list[str] = []
+    env: dict[str, str] = Field({}, description="added to each engine process's environment")
     # vLLM's flags and JSON config schemas change between versions (e.g. --kv-transfer-config fields).
     vllm_version: str = Field("0.32.0", pattern=r"^\d+\.\d+(\.\d+)?$")
 

@@ -64,6 +64,7 @@ class EngineKnobs(_Contract):
     max_model_len: int
     max_num_batched_tokens: int
     block_size: int
+    kv_cache_memory_bytes: int | None = Field(None, description="vLLM --kv-cache-memory-bytes; null: vLLM sizes it")
 
 
 class MemoryPlan(_Contract):
@@ -80,6 +81,7 @@ class MemoryPlan(_Contract):
     kv_capacity_gib: float = Field(description="per GPU")
     kv_capacity_tokens: int = Field(description="per instance: full-attention tokens the block pool holds")
     kv_num_blocks: int = Field(0, description="vLLM's block count (blocks of block_size tokens x one group's layers)")
+    kv_logged_tokens: int = Field(0, description="the 'KV cache size: N tokens' vLLM will log for this plan")
     p99_context_tokens: int
     target_concurrency: int
     kv_lower_bound_gib: float = Field(description="per GPU, for target_concurrency at the p99 context")
@@ -118,6 +120,7 @@ class Endpoint(_Contract):
     pids: list[int]
     simulated: bool
     time_scale: float = Field(1.0, description="engine seconds per wall second (sim only)")
+    engine_kv_tokens: int | None = Field(None, description="the KV capacity the engine logged (vLLM)")
 
 
 # ---------------------------------------------------------------- SLO benchmark
@@ -145,6 +148,9 @@ class LevelResult(_Contract):
     goodput_rps: float
     slo_met: bool
     violations: list[str] = []
+    # The engine's telemetry over the level (`engine_*` keys, tasks.bench.engine_metrics.level_telemetry);
+    # a key is absent when the engine does not export that metric.
+    engine: dict[str, float] = {}
 
 
 class BenchResult(_Contract):

@@ -64,18 +64,26 @@ class _Fit:
     kv: KvCapacity
     need_blocks: int
 
+    @property
+    def static_fits(self) -> bool:
+        """Weights and reserve fit beside the KV cache (its explicit size, or none when it takes the rest)."""
+        return self.static + (self.kv.kv_bytes if self.explicit_kv else 0) <= self.budget
+
+    explicit_kv: bool = False
+
 
 def _fit(model: ModelArch, gpu: GpuSpec, tp: int, weights_dtype: str, kv_dtype: str, memory: MemoryConfig,
          model_len: int, p99_ctx: int, concurrency: int, shared_prefix: int) -> _Fit:
     budget = gpu.memory_bytes * memory.gpu_memory_utilization
     static = static_bytes(model, gpu, tp, weights_dtype, memory)
-    kv = vllm_kv_capacity(model, budget - static, kv_dtype, tp, memory.block_size, model_len,
+    kv_bytes = memory.kv_cache_gib * GIB if memory.kv_cache_gib else budget - static
+    kv = vllm_kv_capacity(model, kv_bytes, kv_dtype, tp, memory.block_size, model_len,
                           memory.max_num_batched_tokens)
     # Whole blocks per request; a shared prefix's full blocks are stored once for all requests.
     per_request = kv.blocks_per_request(p99_ctx)
     shared_blocks = min(shared_prefix // memory.block_size, per_request) if memory.prefix_discount else 0
     need = concurrency * (per_request - shared_blocks) + shared_blocks
-    return _Fit(budget=budget, static=static, kv=kv, need_blocks=need)
+    return _Fit(budget=budget, static=static, kv=kv, need_blocks=need, explicit_kv=memory.kv_cache_gib is not None)
 
 
 def smallest_tp(model: ModelArch, gpu: GpuSpec, weights_dtype: str, kv_dtype: str, memory: MemoryConfig,
@@ -86,7 +94,7 @@ def smallest_tp(model: ModelArch, gpu: GpuSpec, weights_dtype: str, kv_dtype: st
         if model.num_attention_heads % tp:
             continue
         f = _fit(model, gpu, tp, weights_dtype, kv_dtype, memory, model_len, p99_ctx, concurrency, shared_prefix)
-        if f.static <= f.budget and f.kv.num_blocks >= f.need_blocks:
+        if f.static_fits and f.kv.num_blocks >= f.need_blocks:
             return tp
     return None
 
@@ -134,11 +142,13 @@ def plan_memory(model: ModelArch, gpu: GpuSpec, deploy: DeployConfig, profile: W
     at_p99 = kv.concurrency_for(p99_ctx)
     feasible, shortfall = False, 0.0
     usable = f"{memory.gpu_memory_utilization:g} x {gpu.memory_gib:.1f} GiB = {gib(budget):.1f} GiB"
-    if static > budget:
-        shortfall = static + lower_bound - budget
+    kv_what = "cache (memory.kv_cache_gib)" if fit.explicit_kv else "lower bound"
+    if not fit.static_fits:
+        shortfall = static + (kv.kv_bytes if fit.explicit_kv else lower_bound) - budget
         reason = (f"{weights_dtype} weights ({gib(model.weight_bytes(weights_dtype) / tp):.1f} GiB per GPU at "
                   f"TP {tp}) and activations ({gib(static - model.weight_bytes(weights_dtype) / tp):.1f} GiB) "
-                  f"exceed the usable {usable}; with the KV lower bound of {gib(lower_bound):.1f} GiB, the "
+                  f"exceed the usable {usable}; with the KV {kv_what} of "
+                  f"{gib(kv.kv_bytes if fit.explicit_kv else lower_bound):.1f} GiB, the "
                   f"plan is short by {gib(shortfall):.1f} GiB per GPU. {fixes}")
     elif kv.num_blocks < fit.need_blocks:
         shortfall = (fit.need_blocks - kv.num_blocks) * block_bytes
@@ -171,6 +181,7 @@ def plan_memory(model: ModelArch, gpu: GpuSpec, deploy: DeployConfig, profile: W
         kv_capacity_gib=gib(kv.kv_bytes),
         kv_capacity_tokens=capacity,
         kv_num_blocks=kv.num_blocks,
+        kv_logged_tokens=int(kv.concurrency_for(model_len) * model_len),
         p99_context_tokens=p99_ctx,
         target_concurrency=concurrency,
         kv_lower_bound_gib=gib(lower_bound),
@@ -186,6 +197,7 @@ def plan_memory(model: ModelArch, gpu: GpuSpec, deploy: DeployConfig, profile: W
             max_model_len=model_len,
             max_num_batched_tokens=memory.max_num_batched_tokens,
             block_size=memory.block_size,
+            kv_cache_memory_bytes=kv.kv_bytes if memory.pin_kv_cache and kv.kv_bytes > 0 else None,
         ),
     )
 

@@ -8,10 +8,12 @@ and exits if we vanish. We only ever signal process groups we started, by PID.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -230,7 +232,95 @@ def launch_sim(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> Engine
     return handle
 
 
-LAUNCHERS = {"sim": launch_sim}
+# vLLM 0.32: "GPU KV cache size: 1,048,576 tokens, Maximum concurrency for 2,048 tokens per request: 512.00x"
+# (CPU on the CPU build); older versions log the two halves on separate lines.
+KV_LOG_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> int:
+    """The first of `n` consecutive ports that are free on `host` now (engines bind them moments later)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + n >= 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+    raise EngineError(f"no {n} consecutive free ports on {host}")
+
+
+def logged_kv_tokens(log_path: Path) -> int | None:
+    """The KV capacity a vLLM server logged at startup, or None before it has."""
+    match = KV_LOG_RE.search(log_path.read_text(errors="replace"))
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def check_kv_capacity(proc: ManagedProcess, choice: QuantChoice) -> int | None:
+    """Fail loudly when a vLLM server's logged KV capacity differs from the plan's prediction.
+
+    Only a pinned plan (--kv-cache-memory-bytes) is exact; otherwise vLLM sized the cache from its own
+    profiling and the figure is returned for the record."""
+    logged = logged_kv_tokens(proc.log_path)
+    if logged is None:
+        raise EngineError(f"{proc.name} started without logging its KV cache size; log {proc.log_path}:\n"
+                          f"{log_tail(proc.log_path)}")
+    plan = choice.plan
+    if plan.knobs.kv_cache_memory_bytes is not None and logged != plan.kv_logged_tokens:
+        raise EngineError(
+            f"{proc.name} logged a KV cache of {logged:,} tokens but the memory plan predicted "
+            f"{plan.kv_logged_tokens:,} ({plan.kv_capacity_gib:.3f} GiB, {plan.kv_bytes_per_token:,.0f} B per "
+            f"token, block {plan.knobs.block_size}, max_model_len {plan.knobs.max_model_len}): the plan's model "
+            f"of this engine is wrong, so its feasibility verdict cannot be trusted; log {proc.log_path}")
+    return logged
+
+
+def launch_real(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
+    """Start a real engine deployment (vLLM or SGLang: servers, then the PD router) from
+    `tasks.engines.commands`, wait until each answers /health, and check vLLM's logged KV capacity."""
+    from tasks.engines.commands import PortPlan, build_launch_specs
+    from tasks.track import scrub_text
+
+    deploy = cfg.deploy
+    workers = deploy.prefill.instances + deploy.decode.instances if deploy.mode == "pd" else 0
+    base = free_ports(1 + workers, cfg.engine.host)
+    public = cfg.engine.port or base
+    specs = build_launch_specs(cfg.model, deploy, choice, cfg.engine, port=public,
+                               vllm_version=cfg.engine.vllm_version, ports=PortPlan(worker_base=base + 1))
+    engine_dir = run_dir / "engine"
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    commands = [scrub_text(s.shell()) for s in specs]
+    (engine_dir / "commands.txt").write_text("\n".join(commands) + "\n")
+    handle = EngineHandle(endpoint=Endpoint(
+        engine=cfg.engine.kind, deploy=deploy.mode, base_url=specs[-1].url, model_name=cfg.model.name,
+        commands=commands, log_paths=[], pids=[], simulated=False))
+    try:
+        for spec in specs:
+            proc = start_process(spec.role, spec.argv, engine_dir / f"{spec.role}.log", env=spec.env)
+            handle.processes.append(proc)
+        handle.endpoint = handle.endpoint.model_copy(update={
+            "log_paths": [str(p.log_path) for p in handle.processes],
+            "pids": [p.pid for p in handle.processes]})
+        deadline = time.monotonic() + cfg.engine.startup_timeout_s
+        logged = []
+        for spec, proc in zip(specs, handle.processes):
+            wait_for_http(proc, f"{spec.url}/health", max(1.0, deadline - time.monotonic()))
+            if cfg.engine.kind == "vllm" and spec.role != "router":
+                logged.append(check_kv_capacity(proc, choice))
+    except BaseException:
+        handle.stop()
+        raise
+    handle.endpoint = handle.endpoint.model_copy(update={"engine_kv_tokens": logged[-1] if logged else None})
+    return handle
+
+
+LAUNCHERS = {"sim": launch_sim, "vllm": launch_real, "sglang": launch_real}
 
 
 def launch_engine(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:

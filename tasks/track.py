@@ -154,6 +154,7 @@ def _level_metrics(level: LevelResult) -> dict[str, float]:
         "level_goodput_rps": level.goodput_rps,
         "level_output_tok_per_s": level.output_tok_per_s,
         "level_slo_met": float(level.slo_met),
+        **{f"level_{k}": v for k, v in level.engine.items()},
     }
 
 

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tasks.bench.client import REQUEST_FUNCS, RequestFn, RequestRecord, new_session
+from tasks.bench.engine_metrics import LevelProbe
 from tasks.bench.load import poisson_arrivals
 from tasks.bench.metrics import (
     CANCELLED, EarlyVerdict, parse_target, summarize_level, to_engine_record, to_engine_s, to_wall_s,
@@ -230,9 +231,17 @@ async def _search(
         offsets_wall = to_wall_s(poisson_arrivals(qps, n, rng), ts)
         bar = _LevelProgress(progress, index, qps, n, ts)
         early = EarlyVerdict(n, dict(slo.targets), ts)
-        run = await run_level(fn, endpoint, reqs, offsets_wall, timeout_wall, index, bar.done, early)
+        # The engine's own view of the level (KV usage, queueing, preemptions, spec acceptance), sampled
+        # off the event loop so that polling /metrics never delays a send.
+        probe = LevelProbe(endpoint.base_url, interval_s=min(1.0, max(0.1, float(offsets_wall[-1]) / 30)))
+        await asyncio.to_thread(probe.start)
+        try:
+            run = await run_level(fn, endpoint, reqs, offsets_wall, timeout_wall, index, bar.done, early)
+        finally:
+            engine = await asyncio.to_thread(probe.stop)
         _append_records(records_path, run.records, ts)
         level = summarize_level(index, qps, run.records, run.duration_wall, dict(slo.targets), ts, run.decided)
+        level = level.model_copy(update={"engine": engine})
         levels.append(level)
         verdict = level.slo_met
         if on_level is not None:

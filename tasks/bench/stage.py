@@ -43,10 +43,15 @@ def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoic
 
     def after_level(level: LevelResult) -> None:
         verdict = "holds" if level.slo_met else "broken: " + "; ".join(level.violations)
+        engine = level.engine
+        seen = "".join(f", {label} {engine[key]:{fmt}}" for key, label, fmt in (
+            ("engine_kv_usage_max", "engine KV max", ".0%"), ("engine_waiting_max", "waiting max", ".0f"),
+            ("engine_preemptions", "preemptions", ".0f"), ("engine_spec_acceptance_rate", "spec accept", ".0%"))
+            if key in engine)
         logger.info(
-            "level %d at %.3g QPS: %d/%d ok, p99 TTFT %.0f ms, TPOT %.1f ms, E2EL %.0f ms; SLO %s",
+            "level %d at %.3g QPS: %d/%d ok, p99 TTFT %.0f ms, TPOT %.1f ms, E2EL %.0f ms%s; SLO %s",
             level.index, level.target_qps, level.completed, level.num_requests, level.ttft_ms.p99,
-            level.tpot_ms.p99, level.e2el_ms.p99, verdict,
+            level.tpot_ms.p99, level.e2el_ms.p99, seen, verdict,
         )
         with open(run_dir / "levels.jsonl", "a") as f:  # kept (and logged) even if a later level fails
             f.write(level.model_dump_json() + "\n")

