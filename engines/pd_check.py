@@ -1,18 +1,22 @@
 """Client side of engines/pd_cpu_recipe.sh: greedy requests, output comparison, decode-side evidence.
 
-Standard library + prometheus_client only, so it runs with the engine venv's python (or the project's).
+Standard library + prometheus_client + psutil, so it runs with the engine venv's python (or the project's).
   query URL OUT.json            the fixed request set (3 completions, 1 streamed, 1 chat) against URL
   compare REF.json PD.json      PASS/FAIL: PD outputs equal the aggregated ones, token for token
   evidence PREFILL DECODE N CONNECTOR
                                 PASS/FAIL: decode got its prompt KV by transfer, prefill made 1 token each
+  idle-cpu SECONDS PID...       PASS/FAIL: the process trees of PID... stay under half a core while idle
 Exit status 1 on any FAIL.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 import urllib.request
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-llama"
@@ -115,7 +119,8 @@ def evidence(prefill_url: str, decode_url: str, n_requests: int, connector: str)
         xfers = d.get(("vllm:nixl_xfer_time_seconds_count", ""), 0.0)
         nbytes = d.get(("vllm:nixl_bytes_transferred_sum", ""), 0.0)
         failed = d.get(("vllm:nixl_num_failed_transfers_total", ""), 0.0)
-        expired = d.get(("vllm:nixl_num_kv_expired_reqs_total", ""), 0.0)
+        # A prefill whose lease (30 s) ran out before decode read the blocks: the 2-core stall symptom.
+        expired = sum(m.get(("vllm:nixl_num_kv_expired_reqs_total", ""), 0.0) for m in (p, d))
         secs = d.get(("vllm:nixl_xfer_time_seconds_sum", ""), 0.0)
         checks.append((xfers >= len(PROMPTS) and nbytes > 0 and failed == 0 and expired == 0,
                        f"nixl: {xfers:.0f} transfers, {nbytes:.0f} bytes in {secs * 1e3:.1f} ms, "
@@ -125,11 +130,35 @@ def evidence(prefill_url: str, decode_url: str, n_requests: int, connector: str)
     return 0 if all(ok for ok, _ in checks) else 1
 
 
+def idle_cpu(seconds: float, leaders: list[int], limit: float = 0.5) -> int:
+    """PASS if the process trees under `leaders` use < `limit` cores while idle (NIXL's progress thread
+    spins a whole core per instance unless engines/nixl_cpu is on PYTHONPATH)."""
+    roots = [psutil.Process(pid) for pid in leaders]
+    procs = [p for r in roots for p in (r, *r.children(recursive=True))]
+
+    def busy() -> float:
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    before = busy()
+    time.sleep(seconds)
+    cores = (busy() - before) / seconds
+    ok = cores < limit
+    print(f"{'PASS' if ok else 'FAIL'} idle: prefill + decode used {cores:.2f} cores while idle (limit {limit})")
+    return 0 if ok else 1
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "query":
         return query(argv[1], argv[2])
     if len(argv) >= 3 and argv[0] == "compare":
         return compare(argv[1], argv[2])
+    if len(argv) >= 3 and argv[0] == "idle-cpu":
+        return idle_cpu(float(argv[1]), [int(a) for a in argv[2:]])
     if len(argv) >= 5 and argv[0] == "evidence":
         return evidence(argv[1], argv[2], int(argv[3]), argv[4])
     print(__doc__, file=sys.stderr)

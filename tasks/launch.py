@@ -288,11 +288,13 @@ def launch_real(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> Engin
     from tasks.track import scrub_text
 
     deploy = cfg.deploy
+    # The public port, then one per PD server, then the PD router's metrics port.
     workers = deploy.prefill.instances + deploy.decode.instances if deploy.mode == "pd" else 0
-    base = free_ports(1 + workers, cfg.engine.host)
+    base = free_ports(1 + workers + (workers > 0), cfg.engine.host)
     public = cfg.engine.port or base
     specs = build_launch_specs(cfg.model, deploy, choice, cfg.engine, port=public,
-                               vllm_version=cfg.engine.vllm_version, ports=PortPlan(worker_base=base + 1))
+                               vllm_version=cfg.engine.vllm_version,
+                               ports=PortPlan(worker_base=base + 1, router_metrics_port=base + 1 + workers))
     engine_dir = run_dir / "engine"
     engine_dir.mkdir(parents=True, exist_ok=True)
     commands = [scrub_text(s.shell()) for s in specs]

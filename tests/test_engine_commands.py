@@ -285,3 +285,19 @@ def test_plan_show_commands_prints_the_deployment():
     assert all(flag(s, "--quantization") == "fp8" for s in servers)
     sim = plan()  # the sim engine has no engine command line to show
     assert sim.returncode == 2 and "engine=vllm" in sim.stderr and "Traceback" not in sim.stderr
+
+
+def test_vllm_router_fits_the_pool_and_its_own_metrics_port():
+    from tasks.engines.commands import PortPlan, vllm_router_spec
+
+    def server(role: str, port: int) -> LaunchSpec:
+        return LaunchSpec(role, ["vllm", "serve"], {}, "127.0.0.1", port)
+    one = vllm_router_spec([server("prefill-0", 8001), server("decode-0", 8002)], "NixlConnector",
+                           host="127.0.0.1", port=8000)
+    # vllm-router exits at startup with power_of_two and one decode worker.
+    assert flag(one.argv, "--decode-policy") == "round_robin" and flag(one.argv, "--kv-connector") == "nixl"
+    assert flag(one.argv, "--prometheus-port") == "8003"  # not its default 29000, shared by every router
+    two = vllm_router_spec([server("prefill-0", 8001), server("decode-0", 8002), server("decode-1", 8003)],
+                           "ExampleConnector", host="127.0.0.1", port=8000, ports=PortPlan(router_metrics_port=9100))
+    assert flag(two.argv, "--decode-policy") == "power_of_two" and flag(two.argv, "--prometheus-port") == "9100"
+    assert two.argv.count("--decode") == 2

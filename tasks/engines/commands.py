@@ -73,6 +73,7 @@ class PortPlan:
     p2p_kv_base: int = 14579  # P2pNcclConnector kv_port (+ TP rank inside vLLM)
     p2p_proxy_port: int = 30001  # vllm-router's ZMQ discovery for P2pNcclConnector
     bootstrap_base: int = 8998  # SGLang --disaggregation-bootstrap-port of each prefill server
+    router_metrics_port: int | None = None  # vllm-router's Prometheus port; None: after the last server's
 
 
 @dataclass(frozen=True)
@@ -296,10 +297,18 @@ def vllm_router_spec(servers: Sequence[LaunchSpec], connector: str, *, host: str
     (--prefill URL / --decode URL); P2pNccl instances register themselves over ZMQ at
     --vllm-discovery-address (their proxy_ip:proxy_port). Other connectors have no router mode."""
     argv = [executable, "--vllm-pd-disaggregation", "--host", host, "--port", str(port)]
-    if connector == "NixlConnector":
+    # The router serves Prometheus on 127.0.0.1:29000 unless told otherwise: two routers on a host collide.
+    metrics_port = ports.router_metrics_port or max([port, *(s.port for s in servers)]) + 1
+    argv += ["--prometheus-host", host, "--prometheus-port", str(metrics_port)]
+    if connector in ("NixlConnector", "ExampleConnector"):
+        # nixl mode: prompt to a prefill server with max_tokens=1, then to a decode server with the
+        # kv_transfer_params it returned; ExampleConnector ignores those and finds the KV by prompt hash.
         for s in servers:
             argv += [f"--{s.role.split('-')[0]}", s.url]
-        argv += ["--prefill-policy", "cache_aware", "--decode-policy", "power_of_two"]
+        decoders = sum(s.role.startswith("decode") for s in servers)
+        # vllm-router 0.1.17 exits at startup with power_of_two and a single decode worker.
+        argv += ["--kv-connector", "nixl", "--prefill-policy", "cache_aware",
+                 "--decode-policy", "power_of_two" if decoders >= 2 else "round_robin"]
     elif connector == "P2pNcclConnector":
         argv += ["--vllm-discovery-address", f"{host}:{ports.p2p_proxy_port}"]
     else:
