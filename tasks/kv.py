@@ -63,13 +63,12 @@ class _Fit:
     static: float  # weights shard + activation reserve, per GPU
     kv: KvCapacity
     need_blocks: int
+    explicit_kv: bool = False  # memory.kv_cache_gib set: the KV cache has a size of its own
 
     @property
     def static_fits(self) -> bool:
         """Weights and reserve fit beside the KV cache (its explicit size, or none when it takes the rest)."""
         return self.static + (self.kv.kv_bytes if self.explicit_kv else 0) <= self.budget
-
-    explicit_kv: bool = False
 
 
 def _fit(model: ModelArch, gpu: GpuSpec, tp: int, weights_dtype: str, kv_dtype: str, memory: MemoryConfig,
