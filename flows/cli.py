@@ -7,8 +7,7 @@ import os
 import signal
 import sys
 import time
-
-from flows import kv_command
+from importlib import import_module
 
 # Before Prefect is imported: its ephemeral server needs time to start on small machines, and sends no
 # analytics from ours. Users' own settings win.
@@ -20,37 +19,66 @@ def _sigterm_as_exit(signum, frame):  # noqa: ARG001 - signal handler signature
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so every `finally` stops its engines
 
 
+def host_gpu_default(argv: list[str]) -> list[str]:
+    """`dolphin run engine=vllm ...` without gpu= (nor an experiment, which picks its own) on a host with no
+    NVIDIA GPU measures vLLM's CPU build on this CPU: add gpu=cpu, and say so. An explicit gpu= is kept
+    (and refused before launch if this host lacks it)."""
+    from tasks.launch import host_has_nvidia_gpu
+
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    engines = {v for a in argv if a.split("=", 1)[0].lstrip("+") == "engine" for v in a.split("=", 1)[1].split(",")}
+    if keys & {"gpu", "experiment"} or not engines & {"vllm", "vllm_cpu"} or host_has_nvidia_gpu():
+        return argv
+    print("dolphin run: this host has no NVIDIA GPU, so the real vLLM runs on its CPU (gpu=cpu, vLLM's CPU "
+          "build from `make engines`); give gpu=... to plan for a GPU instead", file=sys.stderr)
+    return [*argv, "gpu=cpu"]
+
+
 def cmd_run(argv: list[str]) -> int:
     """Run the pipeline; everything after `run` is Hydra's (overrides, -m, --cfg job, ...)."""
     from flows import hydra_app
 
-    sys.argv = ["dolphin"] + argv
+    sys.argv = ["dolphin"] + host_gpu_default(argv)
     try:
         hydra_app.main()
     finally:
         hydra_app.finish_parent_run(failed=True)  # no-op unless a sweep aborted before its end callback
-    if not hydra_app.OUTCOMES:  # --help, --cfg job, ...: Hydra ran no job
-        return 0
+    if not hydra_app.OUTCOMES:  # --help, --cfg job, or a parallel launcher ran the jobs elsewhere
+        return 0 if hydra_app.SWEEP_ANSWERED is not False else 1
     return 0 if hydra_app.all_answered(hydra_app.OUTCOMES, hydra_app.IN_SWEEP) else 1
 
 
 def compose(overrides: list[str]):
-    """The resolved config for overrides, without running Hydra's job machinery."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
+    """(the resolved config to measure, its validated DolphinConfig) for overrides."""
+    from tasks.compose import compose_config, split_run_control
     from tasks.config import load_config
-    from tasks.paths import CONF_DIR, register_resolvers
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            cfg = hydra_compose("config", overrides=overrides)
-        except HydraException as exc:  # a bad override: Hydra's own one-line message, no traceback
-            raise ValueError(" ".join(str(exc).split())) from None
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved, _ = split_run_control(compose_config(overrides))
     return resolved, load_config(resolved)
+
+
+def _predict_plan(cfg, choice, plan, profile, qps: float):
+    """Predicted TTFT/TPOT/throughput of the planned deployment at `qps` (tasks/perf_plan.py)."""
+    from tasks.perf_model import PerfModel
+    from tasks.perf_plan import predict_agg, predict_disagg
+
+    backend = "sglang" if cfg.engine.kind == "sglang" else "vllm"  # the sim plays vLLM's scheduler
+    overhead = cfg.engine.step_overhead_ms / 1000
+
+    def perf(tp: int) -> PerfModel:
+        return PerfModel(cfg.model, cfg.gpu, choice.weights_dtype, choice.kv_dtype, tp=tp, step_overhead_s=overhead)
+
+    mean_in, mean_out = profile.input_tokens.mean, profile.output_tokens.mean
+    deploy = cfg.deploy
+    if deploy.mode == "pd":
+        return predict_disagg(perf(deploy.prefill.tp), perf(deploy.decode.tp), backend, qps, mean_in, mean_out,
+                              deploy.prefill.instances, deploy.decode.instances)
+    spec = deploy.mode == "spec"
+    return predict_agg(perf(plan.tp), backend, qps, mean_in, mean_out,
+                       max_num_batched_tokens=plan.knobs.max_num_batched_tokens, max_num_seqs=plan.knobs.max_num_seqs,
+                       kv_capacity_tokens=plan.kv_capacity_tokens, replicas=deploy.replicas,
+                       spec_k=deploy.num_speculative_tokens if spec else 0,
+                       acceptance=deploy.acceptance_rate if spec else 0.0)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -73,17 +101,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       step_overhead_s=cfg.engine.step_overhead_ms / 1000)
     capacity = model.capacity_qps(profile.input_tokens.mean, profile.output_tokens.mean,
                                   plan.knobs.max_num_seqs, plan.kv_capacity_tokens)
+    target_qps = cfg.slo.target_qps or profile.mean_qps
+    predicted = _predict_plan(cfg, choice, plan, profile, target_qps) if plan.feasible else None
     if args.show_commands:
-        from tasks.engines.commands import build_launch_specs, format_commands
+        from tasks.engines.commands import build_launch_specs, engine_for_device, format_commands
 
         if cfg.engine.kind == "sim":
             raise ValueError("engine=sim is Dolphin's own process; use engine=vllm or engine=sglang with "
                              "--show-commands to see a real engine's command lines")
-        specs = build_launch_specs(cfg.model, cfg.deploy, choice, cfg.engine, vllm_version=cfg.engine.vllm_version)
+        cores = sorted(os.sched_getaffinity(0)) if cfg.gpu.device == "cpu" else None  # as the launch splits them
+        engine = engine_for_device(cfg.engine, cfg.gpu.device)
+        specs = build_launch_specs(cfg.model, cfg.deploy, choice, engine, vllm_version=cfg.engine.vllm_version,
+                                   cpu_cores=cores)
         print(format_commands(specs), end="")
         return 0 if plan.feasible else 2
     if args.json:
         print(json.dumps({"quant": choice.model_dump(), "predicted_capacity_qps": capacity,
+                          "predicted": None if predicted is None else {"target_qps": target_qps, **vars(predicted)},
                           "workload": profile.model_dump(exclude={"length_pairs"})}, indent=2))
         return 0 if plan.feasible else 2
     table = Table(title=f"Plan: {cfg.model.name} on {cfg.gpu.display_name}, {cfg.deploy.mode}", show_header=False)
@@ -105,6 +139,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                f"SGLang: {' '.join(choice.sglang_args) or '(none)'}"),
         ("predicted capacity", f"~{capacity:.1f} QPS (rough upper bound from the performance model)"),
     ]
+    if predicted is not None:
+        rows.append((f"predicted at {target_qps:.2f} QPS",
+                     f"TTFT {predicted.ttft_ms:,.0f} ms, TPOT {predicted.tpot_ms:.1f} ms, "
+                     f"{predicted.output_tok_s:,.0f} output tok/s" + (f" ({predicted.note})" if predicted.note else "")))
+        if args.explain:
+            for name, parts in (("TTFT", predicted.ttft_parts_ms), ("TPOT", predicted.tpot_parts_ms)):
+                rows.append((f"  {name} split", ", ".join(f"{k} {v:,.1f} ms" for k, v in parts.items())
+                             or "(no split for this mode)"))
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
@@ -173,6 +215,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         wait_for_http(proc, f"{url}/health", timeout_s=60)
         print(f"MLflow UI: {url}  (store {cfg.tracking.uri}; Ctrl-C stops it)", flush=True)
+        from tasks.track import latest_sweeps, ui_url
+
+        for exp_name, exp_id, run_id in latest_sweeps(cfg.tracking.uri):  # where a sweep's report is
+            print(f"  latest sweep of {exp_name}: {ui_url(cfg.tracking.uri, exp_id, run_id, args.host, args.port)}"
+                  " (ranking and report.html under Artifacts > report)", flush=True)
         while proc.alive():
             time.sleep(0.5)
         return proc.popen.returncode or 0
@@ -180,6 +227,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     finally:
         proc.stop()
+
+
+# Commands that live in their own module (flows/<name>.py with add_parser(sub) and run(args)); the
+# subcommand name is the one the module's add_parser registers.
+COMMAND_MODULES = ("kv_command", "report_command", "deploy_command", "bench_command", "predict_command")
+
+
+def _command_modules():
+    return [import_module(f"flows.{name}") for name in COMMAND_MODULES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="profile, memory plan, quantization and predicted capacity; no launch")
     plan.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. gpu=a10 model=llama-3.1-70b")
     plan.add_argument("--json", action="store_true")
+    plan.add_argument("--explain", action="store_true",
+                      help="split predicted TTFT and TPOT into compute, memory, comm, overhead and queueing")
     plan.add_argument("--show-commands", action="store_true",
                       help="print the engine command lines, environment and router command (engine=vllm|sglang)")
 
@@ -211,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                            f"workload.max_bad_row_fraction)")
     prof.add_argument("--plots", metavar="DIR", help="write length histograms and QPS over time as PNGs here")
 
-    kv_command.add_parser(sub)
+    for module in _command_modules():
+        module.add_parser(sub)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
     ui.add_argument("overrides", nargs="*", help="Hydra overrides selecting the tracking store")
@@ -226,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["run"]:
         return cmd_run(argv[1:])
     args = build_parser().parse_args(argv)
+    commands = {"plan": cmd_plan, "profile": cmd_profile, "ui": cmd_ui}
+    commands.update({args.command: module.run for module in _command_modules()
+                     if args.command == module.__name__.rsplit(".", 1)[-1].removesuffix("_command")})
     try:
-        return {"plan": cmd_plan, "profile": cmd_profile, "kv": kv_command.run, "ui": cmd_ui}[args.command](args)
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:  # config and input errors: say what, no traceback
         print(f"dolphin {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,9 @@ class _Section(BaseModel):
 class PoolSpec(_Section):
     instances: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
+    # This pool's --gpu-memory-utilization (e.g. prefill 0.9, decode 0.7); null: memory.gpu_memory_utilization.
+    # The memory plan sizes the decode pool's KV cache (it holds the running requests) with it.
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
 
 
 class DeployConfig(_Section):
@@ -41,6 +44,10 @@ class DeployConfig(_Section):
     # The sim engine's acceptance rate per draft token; real engines measure their own.
     acceptance_rate: float = Field(0.0, ge=0.0, lt=1.0)
     draft_model: str | None = None
+    # SGLang's EAGLE draft tree (vLLM's EAGLE proposes a chain): candidates per step, and tokens verified
+    # per step (null: num_speculative_tokens + 1, a chain).
+    eagle_topk: int = Field(1, ge=1)
+    num_draft_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _mode_fields(self) -> "DeployConfig":
@@ -183,6 +190,9 @@ class BenchConfig(_Section):
     bisect_tolerance: float = Field(0.1, gt=0, lt=1)
     request_timeout_s: float = Field(300.0, gt=0)
     seed: int = 0
+    # A level reports p99 only from >= this many samples beyond it (10 / (1 - 0.99) = 1000 requests at p99);
+    # 0 lets requests_per_level alone size levels (smoke runs: their tails are labelled thin instead).
+    min_tail_samples: int = Field(10, ge=0)
 
 
 class TrackingConfig(_Section):

@@ -121,6 +121,17 @@ class Endpoint(_Contract):
     simulated: bool
     time_scale: float = Field(1.0, description="engine seconds per wall second (sim only)")
     engine_kv_tokens: int | None = Field(None, description="the KV capacity the engine logged (vLLM)")
+    greedy_outputs: list[str] = Field([], description="texts of the launch's greedy probe (real engines), "
+                                                     "equal across deploy modes of one model and dtypes")
+    server_urls: dict[str, str] = Field({}, description="role -> base URL of each engine server (pd: prefill-0, "
+                                                        "decode-0, ...; the router is base_url)")
+
+    @property
+    def metrics_url(self) -> str:
+        """The server whose /metrics show the serving engine's state: the decode server under pd (it holds
+        the running requests' KV), else the one server."""
+        decode = sorted(url for role, url in self.server_urls.items() if role.startswith("decode"))
+        return decode[0] if decode else self.base_url
 
 
 # ---------------------------------------------------------------- SLO benchmark

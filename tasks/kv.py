@@ -118,6 +118,8 @@ def plan_memory(model: ModelArch, gpu: GpuSpec, deploy: DeployConfig, profile: W
     cache holds at the mean context, at most 256: admitting more only makes the scheduler preempt.
     """
     memory = memory or MemoryConfig()
+    if deploy.mode == "pd" and deploy.decode.gpu_memory_utilization is not None:  # the pool that holds the KV
+        memory = memory.model_copy(update={"gpu_memory_utilization": deploy.decode.gpu_memory_utilization})
     gib = lambda b: b / GIB  # noqa: E731 - local unit conversion
     tp = plan_tp(deploy)
     p99_ctx = _ceil(profile.input_tokens.p99 + profile.output_tokens.p99)

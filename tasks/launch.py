@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
+import shutil
 import re
 import shlex
 import signal
@@ -27,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import DolphinConfig
 from tasks.contracts import Endpoint, QuantChoice
+from tasks.engines.greedy_probe import greedy_probe
 
 LISTEN_RE = re.compile(r"listening on (http://[\w.\-:\[\]]+)")
 
@@ -127,6 +130,21 @@ class EngineHandle:
     def stop(self) -> None:
         for proc in self.processes:
             proc.stop()
+
+    def transfer_metrics(self) -> dict[str, float]:
+        """Under pd: where the decode servers' prompt KV came from (`kv_transfer_*` keys, see
+        tasks.engines.transfer_metrics); {} otherwise. Call before stop()."""
+        from tasks.engines.transfer_metrics import transfer_metrics, transferred_share
+
+        out: dict[str, float] = {}
+        for role, url in self.endpoint.server_urls.items():
+            if role.startswith("decode"):
+                for key, value in transfer_metrics(url).items():
+                    out[f"kv_transfer_{key}"] = out.get(f"kv_transfer_{key}", 0.0) + value
+        prompt = {k.removeprefix("kv_transfer_"): v for k, v in out.items() if k.startswith("kv_transfer_prompt")}
+        if (share := transferred_share(prompt)) is not None:
+            out["kv_transfer_share"] = share
+        return out
 
     def __enter__(self) -> "EngineHandle":
         return self
@@ -262,17 +280,17 @@ def logged_kv_tokens(log_path: Path) -> int | None:
     return int(match.group(1).replace(",", "")) if match else None
 
 
-def check_kv_capacity(proc: ManagedProcess, choice: QuantChoice) -> int | None:
+def check_kv_capacity(proc: ManagedProcess, choice: QuantChoice, pinned: bool = True) -> int | None:
     """Fail loudly when a vLLM server's logged KV capacity differs from the plan's prediction.
 
-    Only a pinned plan (--kv-cache-memory-bytes) is exact; otherwise vLLM sized the cache from its own
-    profiling and the figure is returned for the record."""
+    Only a server started with the plan's --kv-cache-memory-bytes (`pinned`) is exact; otherwise vLLM
+    sized the cache from its own profiling and the figure is returned for the record."""
     logged = logged_kv_tokens(proc.log_path)
     if logged is None:
         raise EngineError(f"{proc.name} started without logging its KV cache size; log {proc.log_path}:\n"
                           f"{log_tail(proc.log_path)}")
     plan = choice.plan
-    if plan.knobs.kv_cache_memory_bytes is not None and logged != plan.kv_logged_tokens:
+    if pinned and plan.knobs.kv_cache_memory_bytes is not None and logged != plan.kv_logged_tokens:
         raise EngineError(
             f"{proc.name} logged a KV cache of {logged:,} tokens but the memory plan predicted "
             f"{plan.kv_logged_tokens:,} ({plan.kv_capacity_gib:.3f} GiB, {plan.kv_bytes_per_token:,.0f} B per "
@@ -284,42 +302,101 @@ def check_kv_capacity(proc: ManagedProcess, choice: QuantChoice) -> int | None:
 def launch_real(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
     """Start a real engine deployment (vLLM or SGLang: servers, then the PD router) from
     `tasks.engines.commands`, wait until each answers /health, and check vLLM's logged KV capacity."""
-    from tasks.engines.commands import PortPlan, build_launch_specs
+    from tasks.engines.commands import PortPlan, build_launch_specs, engine_for_device
     from tasks.track import scrub_text
 
     deploy = cfg.deploy
-    # The public port, then one per PD server, then the PD router's metrics port.
+    # The public port; under pd one per server, the router's metrics port and one NIXL side channel per
+    # server, all free now (fixed defaults would collide between concurrent runs).
     workers = deploy.prefill.instances + deploy.decode.instances if deploy.mode == "pd" else 0
-    base = free_ports(1 + workers + (workers > 0), cfg.engine.host)
+    base = free_ports(1 + 2 * workers + (workers > 0), cfg.engine.host)
     public = cfg.engine.port or base
-    specs = build_launch_specs(cfg.model, deploy, choice, cfg.engine, port=public,
-                               vllm_version=cfg.engine.vllm_version,
-                               ports=PortPlan(worker_base=base + 1, router_metrics_port=base + 1 + workers))
+    ports = PortPlan(worker_base=base + 1, router_metrics_port=base + 1 + workers,
+                     nixl_side_channel_base=base + 2 + workers)
+    cpu_cores = sorted(os.sched_getaffinity(0)) if cfg.gpu.device == "cpu" else None
+    engine = engine_for_device(cfg.engine, cfg.gpu.device)
+    specs = build_launch_specs(cfg.model, deploy, choice, engine, port=public,
+                               vllm_version=cfg.engine.vllm_version, ports=ports, cpu_cores=cpu_cores)
     engine_dir = run_dir / "engine"
     engine_dir.mkdir(parents=True, exist_ok=True)
     commands = [scrub_text(s.shell()) for s in specs]
     (engine_dir / "commands.txt").write_text("\n".join(commands) + "\n")
+    servers = [s for s in specs if s.role != "router"]
     handle = EngineHandle(endpoint=Endpoint(
         engine=cfg.engine.kind, deploy=deploy.mode, base_url=specs[-1].url, model_name=cfg.model.name,
-        commands=commands, log_paths=[], pids=[], simulated=False))
-    try:
-        for spec in specs:
-            proc = start_process(spec.role, spec.argv, engine_dir / f"{spec.role}.log", env=spec.env)
-            handle.processes.append(proc)
+        commands=commands, log_paths=[], pids=[], simulated=False,
+        server_urls={s.role: s.url for s in servers} if deploy.mode == "pd" else {}))
+    deadline = time.monotonic() + cfg.engine.startup_timeout_s
+
+    def start(batch: list) -> None:
+        procs = [start_process(spec.role, spec.argv, engine_dir / f"{spec.role}.log", env=spec.env)
+                 for spec in batch]
+        handle.processes.extend(procs)
         handle.endpoint = handle.endpoint.model_copy(update={
             "log_paths": [str(p.log_path) for p in handle.processes],
             "pids": [p.pid for p in handle.processes]})
-        deadline = time.monotonic() + cfg.engine.startup_timeout_s
-        logged = []
-        for spec, proc in zip(specs, handle.processes):
+        for spec, proc in zip(batch, procs):
             wait_for_http(proc, f"{spec.url}/health", max(1.0, deadline - time.monotonic()))
-            if cfg.engine.kind == "vllm" and spec.role != "router":
-                logged.append(check_kv_capacity(proc, choice))
+
+    logged: dict[str, int | None] = {}
+    try:
+        start(servers)  # together: their startups overlap
+        if cfg.engine.kind == "vllm":
+            for spec, proc in zip(servers, handle.processes):
+                # Only a pinned cache (--kv-cache-memory-bytes) is the plan's; other pools are recorded.
+                logged[spec.role] = check_kv_capacity(proc, choice, pinned="--kv-cache-memory-bytes" in spec.argv)
+        start([s for s in specs if s.role == "router"])  # a router checks its workers when it starts
     except BaseException:
         handle.stop()
         raise
-    handle.endpoint = handle.endpoint.model_copy(update={"engine_kv_tokens": logged[-1] if logged else None})
+    # The capacity of the instance that holds running requests: decode under pd.
+    kv_role = next((r for r in logged if r.startswith("decode")), next(iter(logged), None))
+    handle.endpoint = handle.endpoint.model_copy(update={"engine_kv_tokens": logged.get(kv_role)})
+    try:
+        outputs = greedy_probe(handle.endpoint.base_url, cfg.model.name, choice.plan.knobs.max_model_len)
+        handle.check_alive()
+    except BaseException as exc:
+        handle.stop()
+        if isinstance(exc, (httpx.HTTPError, KeyError, IndexError, ValueError)):
+            raise EngineError(f"the deployment answers /health but not a greedy completion "
+                              f"({type(exc).__name__}: {exc}); logs: {', '.join(handle.endpoint.log_paths)}\n"
+                              f"{log_tail(handle.processes[-1].log_path)}") from exc
+        raise
+    (engine_dir / "greedy_outputs.json").write_text(json.dumps(outputs, indent=1))
+    handle.endpoint = handle.endpoint.model_copy(update={"greedy_outputs": outputs})
     return handle
+
+
+def host_has_nvidia_gpu() -> bool:
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def check_host(cfg: DolphinConfig) -> None:
+    """Before anything starts: a real engine must be able to run here as configured (ConfigError says how)."""
+    from tasks.config import ConfigError
+    from tasks.engines.commands import engine_for_device
+
+    kind = cfg.engine.kind
+    if kind == "sim":
+        return
+    if cfg.gpu.device == "cuda" and not host_has_nvidia_gpu():
+        raise ConfigError(
+            f"engine={kind} measures a real deployment on gpu={cfg.gpu.name}, but this host has no NVIDIA GPU. "
+            f"Here, run vLLM's CPU build with gpu=cpu: the preset `dolphin run experiment=cpu_smoke "
+            f"[deploy=agg|spec|pd]` (tiny-llama, 64-in/16-out requests), or any config plus gpu=cpu; "
+            f"`dolphin plan engine={kind} gpu={cfg.gpu.name} --show-commands` prints what would run on the GPUs")
+    if cfg.gpu.device == "cpu" and kind == "sglang":
+        raise ConfigError("engine=sglang needs CUDA GPUs (its PyPI build has no CPU kernels); with gpu=cpu use "
+                          "engine=vllm")
+    if cfg.gpu.device == "cpu" and not cfg.model.path:
+        raise ConfigError(f"model={cfg.model.name} has no local checkpoint (model.path) and vLLM's CPU build runs "
+                          f"offline here (HF_HUB_OFFLINE=1): use model=tiny-llama (`make engines` builds it) or "
+                          f"set model.path to a local HF checkpoint directory")
+    exe = engine_for_device(cfg.engine, cfg.gpu.device).executable or kind
+    if kind == "vllm" and shutil.which(exe) is None:
+        fix = ("run `make engines` (it builds .engines/vllm-cpu)" if cfg.gpu.device == "cpu"
+               else "install vLLM there or set engine.executable to its `vllm`")
+        raise ConfigError(f"engine.executable {exe!r} is not an executable here: {fix}")
 
 
 LAUNCHERS = {"sim": launch_sim, "vllm": launch_real, "sglang": launch_real}

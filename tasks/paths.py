@@ -26,6 +26,14 @@ def resolve_root(rel: str = "") -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
+def default_block_size(device: str) -> int:
+    """vLLM's own default KV block size on a device: 16 on GPUs, 128 on its CPU build (platforms/cpu.py,
+    whose attention needs a multiple of 32)."""
+    return 128 if device == "cpu" else 16
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("root"):
         OmegaConf.register_new_resolver("root", resolve_root)
+    if not OmegaConf.has_resolver("default_block_size"):
+        OmegaConf.register_new_resolver("default_block_size", default_block_size)

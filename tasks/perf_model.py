@@ -1,15 +1,19 @@
 """Roofline cost of one continuous-batching engine step.
 
-A first honest model: a step processes T tokens; its time is the larger of tensor-core time and HBM time
-(weights streamed once per step, KV read by attention and written for new tokens), plus the tensor-parallel
-all-reduces and a fixed scheduler/sampling overhead. Efficiencies are named constants, not fitted per GPU.
+A step processes T tokens; its time is the larger of tensor-core time and HBM time (weights streamed once
+per step, KV read by attention and written for new tokens), plus the tensor-parallel all-reduces and a fixed
+scheduler/sampling overhead. GEMM efficiency rises with tokens per step and saturates
+(`mfu * T / (T + gemm_half_tokens)`); a MoE step reads only the experts its tokens touch. The efficiencies
+are a few physical parameters per GPU family (`PerfParams`), fitted by `tasks/perf_calibration.py` and
+stored in `conf/perf/<family>.yaml`; without a file the named constants below apply.
 
 All arithmetic is plain float math that also works element-wise on numpy arrays, so callers can cost a
 whole grid of batch shapes at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 
 import numpy as np
 
@@ -28,6 +32,84 @@ ALLREDUCE_LATENCY_S = {"nvlink": 8e-6, "pcie": 25e-6}
 KV_TRANSFER_LATENCY_S = 0.5e-3
 # Activations exchanged by all-reduce are 16-bit whatever the weight dtype.
 ACT_BYTES = 2.0
+
+# GPU families sharing kernels and calibration (conf/perf/<family>.yaml).
+GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "b200": "blackwell", "a100": "ampere",
+              "a10": "ampere", "l40s": "ada", "l20": "ada", "cpu": "cpu"}
+
+
+@dataclass(frozen=True)
+class PerfParams:
+    """The physical parameters of the step model for one GPU family (+ engine overheads per backend)."""
+
+    mfu: float = MFU  # GEMM efficiency at saturation
+    gemm_half_tokens: float = 0.0  # tokens per step at which GEMMs reach half of `mfu` (0: flat)
+    attn_eff: float = MFU  # FlashAttention efficiency (bf16 peak)
+    mbu: float = MBU
+    kv_read_scale: float = 1.0  # paged-attention KV reads reach this share of the weights' bandwidth
+    fp8_gemm_scale: float = 1.0  # FP8 GEMMs (scaling, block quantisation) reach this share of bf16's `mfu`
+    # Compute and memory overlap imperfectly near the ridge point: a step takes (c^p + m^p)^(1/p) of its
+    # compute and memory times (p -> infinity: the ideal roofline max; p = 1: no overlap). 0: max.
+    roofline_p: float = 0.0
+    link_eff: float = LINK_EFFICIENCY
+    allreduce_latency_s: float = 8e-6  # per all-reduce call (NVLink); PCIe keeps its higher floor
+    # Minimum time of one layer's kernels in a step (norms, rope, attention, GEMMs, routing each last a few
+    # microseconds however small the batch); MoE layers run about twice the kernels (gate, dispatch, combine).
+    layer_latency_s: float = 0.0
+    # Engine behaviour, by backend (also physical: CPU-side scheduling, sampling, detokenisation).
+    step_overhead_s: dict | None = None  # {"vllm": s, "sglang": s, "trtllm": s}
+    request_overhead_s: dict | None = None  # fixed TTFT cost: HTTP, tokenisation, first detokenise
+    memory_reserve_gib: float = 4.0  # activations, CUDA graphs, NCCL buffers per GPU, off the KV cache
+    # Share of a closed loop's concurrent requests whose prompts reach the engine in the same step: a
+    # benchmark starts them together, and a scheduler that finishes them together keeps them so (1.0); one
+    # that staggers completions spreads them out (towards 1/concurrency).
+    sync_frac: dict | None = None
+    # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM's measured
+    # TTFT grows with output length at low concurrency: a slot is freed a request late).
+    slot_wait: dict | None = None
+
+    def slot(self, backend: str) -> float:
+        return (self.slot_wait or {}).get(backend, 0.0)
+
+    def sync(self, backend: str) -> float:
+        return (self.sync_frac or {}).get(backend, 0.1)
+
+    def overhead(self, backend: str, default: float = 0.002) -> float:
+        return (self.step_overhead_s or {}).get(backend, default)
+
+    def request_overhead(self, backend: str) -> float:
+        return (self.request_overhead_s or {}).get(backend, 0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perf_params_path(gpu_name: str):
+    from tasks.paths import CONF_DIR
+
+    return CONF_DIR / "perf" / f"{GPU_FAMILY.get(gpu_name, gpu_name)}.yaml"
+
+
+@lru_cache(maxsize=32)
+def load_perf_params(gpu_name: str) -> PerfParams:
+    """Calibrated parameters of `gpu_name`'s family; the Hopper fit (the only measured family) stands in for
+    families without their own file, its efficiencies being fractions of each GPU's own peaks."""
+    import yaml
+
+    if GPU_FAMILY.get(gpu_name) == "cpu":  # the host CPU in tests: the plain roofline, no GPU fit
+        return PerfParams()
+    for path in (perf_params_path(gpu_name), perf_params_path("h100")):
+        if path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            known = {f.name for f in fields(PerfParams)}
+            return PerfParams(**{k: v for k, v in data.items() if k in known})
+    return PerfParams()
+
+
+def distinct_experts(num_experts: float, per_token: float, tokens):
+    """Expected distinct experts a step touches when `tokens` each pick `per_token` of `num_experts`."""
+    tokens = np.asarray(tokens, dtype=float)
+    return num_experts * (1.0 - (1.0 - per_token / num_experts) ** tokens)
 
 
 @dataclass(frozen=True)
@@ -55,35 +137,75 @@ class PerfModel:
         kv_dtype: str,
         tp: int = 1,
         step_overhead_s: float = 0.002,
+        params: PerfParams | None = None,
+        compute_dtype: str | None = None,
+        attention_dp: int = 1,
     ) -> None:
         for dt in (weights_dtype, kv_dtype):
             if dt not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {dt!r}; use one of {sorted(DTYPE_BYTES)}")
         self.model, self.gpu, self.tp = model, gpu, tp
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
-        self.step_overhead_s = step_overhead_s
+        self.params = p = params if params is not None else load_perf_params(gpu.name)
+        moe_layers = model.num_layers - model.num_dense_layers if model.is_moe else 0
+        # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
+        self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers + moe_layers)
         # W8A8 uses FP8 tensor cores; int4 (W4A16) and FP8 on a GPU without FP8 (W8A16) dequantise to bf16.
-        self.compute_dtype = "fp8" if weights_dtype == "fp8" and gpu.supports_fp8 else "bf16"
+        self.compute_dtype = compute_dtype or ("fp8" if weights_dtype == "fp8" and gpu.supports_fp8 else "bf16")
 
         embed = model.vocab_size * model.hidden_size
         # The embedding lookup gathers T rows: it is neither a GEMM nor streamed. Tied, it is the LM head.
         self.gemm_params = model.active_params - (0 if model.tie_word_embeddings else embed)
         lookup_bytes = 0 if model.tie_word_embeddings else embed * DTYPE_BYTES["bf16"]
         self.weight_bytes_per_gpu = (model.weight_bytes(weights_dtype) - lookup_bytes) / tp
-        self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, tp)  # per GPU
+        # Per GPU. Attention data parallelism (DeepSeek-style) spreads the requests, hence their KV, over
+        # `attention_dp` groups of tp / attention_dp ranks each.
+        self.attention_dp = attention_dp
+        self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, max(1, tp // attention_dp)) / attention_dp
+        # A MoE step streams the dense part and only the routed experts its tokens touch.
+        self._expert_bytes = 0.0
+        if model.is_moe:
+            moe_layers = model.num_layers - model.num_dense_layers
+            expert_bytes = 3 * model.hidden_size * model.moe_intermediate_size * DTYPE_BYTES[weights_dtype] / tp
+            self._expert_bytes = moe_layers * expert_bytes
+            self._dense_bytes = self.weight_bytes_per_gpu - model.num_experts * self._expert_bytes
 
         # Precomputed per-unit rates so `step` is a handful of multiply-adds.
-        self._gemm_s_per_token = 2 * self.gemm_params / (gpu.peak_flops(self.compute_dtype) * MFU) / tp
+        mfu = p.mfu * (p.fp8_gemm_scale if self.compute_dtype == "fp8" else 1.0)
+        self._gemm_s_per_token = 2 * self.gemm_params / (gpu.peak_flops(self.compute_dtype) * mfu) / tp
         # FlashAttention runs in bf16 whatever the weights are.
         attn_flops_per_ctx = 4 * model.num_layers * model.num_attention_heads * model.head_dim
-        self._attn_s_per_ctx = attn_flops_per_ctx / (gpu.peak_flops("bf16") * MFU) / tp
-        self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * MBU
-        self._link_bps = gpu.link_bandwidth_gbps * 1e9 * LINK_EFFICIENCY
+        self._attn_s_per_ctx = attn_flops_per_ctx / (gpu.peak_flops("bf16") * p.attn_eff) / tp
+        self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * p.mbu
+        self._link_bps = gpu.link_bandwidth_gbps * 1e9 * p.link_eff
         # 2 all-reduces per layer (after attention and after the MLP), ring algorithm.
         calls = 2 * model.num_layers
         ring = 2 * (tp - 1) / tp
         self._comm_s_per_token = calls * ring * model.hidden_size * ACT_BYTES / self._link_bps
-        self._comm_fixed_s = calls * ALLREDUCE_LATENCY_S[gpu.interconnect] if tp > 1 else 0.0
+        # PCIe all-reduces cannot be faster than their own latency floor, whatever family file stands in.
+        latency = max(p.allreduce_latency_s, ALLREDUCE_LATENCY_S[gpu.interconnect])
+        self._comm_fixed_s = calls * latency if tp > 1 else 0.0
+
+    def bound_s(self, compute_s, memory_s):
+        """Time of a step's compute and memory traffic together (see PerfParams.roofline_p)."""
+        p = self.params.roofline_p
+        if p <= 0:
+            return np.maximum(compute_s, memory_s)
+        hi = np.maximum(np.maximum(compute_s, memory_s), 1e-12)
+        return hi * ((compute_s / hi) ** p + (memory_s / hi) ** p) ** (1.0 / p)
+
+    def weights_read_bytes(self, tokens):
+        """Weight bytes one GPU streams in a step of `tokens` tokens (MoE: the touched experts only)."""
+        if not self._expert_bytes:
+            return self.weight_bytes_per_gpu
+        m = self.model
+        touched = distinct_experts(m.num_experts, m.num_experts_per_tok, np.maximum(tokens, 1))
+        return self._dense_bytes + touched * self._expert_bytes
+
+    def gemm_efficiency(self, tokens):
+        """Fraction of the saturated GEMM rate reached at `tokens` tokens per step."""
+        h = self.params.gemm_half_tokens
+        return 1.0 if h <= 0 else np.asarray(tokens, dtype=float) / (np.asarray(tokens, dtype=float) + h) + 1e-12
 
     def step(
         self,
@@ -105,11 +227,12 @@ class PerfModel:
         decode_tokens = decode_seqs * tokens_per_decode_seq
         tokens = prefill_tokens + decode_tokens
         attn_ctx = prefill_attn_context + decode_context_tokens * tokens_per_decode_seq
-        compute_s = tokens * self._gemm_s_per_token + attn_ctx * self._attn_s_per_ctx
+        compute_s = (tokens * self._gemm_s_per_token / self.gemm_efficiency(tokens)
+                     + attn_ctx * self._attn_s_per_ctx)
         kv_bytes = (decode_context_tokens + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token
-        memory_s = (self.weight_bytes_per_gpu + kv_bytes) / self._hbm_bps
+        memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
-        seconds = np.maximum(compute_s, memory_s) + comm_s + self.step_overhead_s
+        seconds = self.bound_s(compute_s, memory_s) + comm_s + self.step_overhead_s
         return StepCost(seconds, compute_s, memory_s, comm_s, self.step_overhead_s)
 
     def prefill_s(self, prompt_tokens: int) -> float:

@@ -51,9 +51,16 @@ CONFIG_HASH_IGNORED: tuple[str, ...] = (
     "engine.host",
     "engine.port",
     "engine.startup_timeout_s",
+    "force",     # re-measure a config that already has a run: how to run, not what
+    "schedule",  # when a Prefect deployment runs it
 )
 
 STATUS_REASON_TAG = "dolphin.status_reason"
+# A FAILED run stopped by its memory plan: a verdict about the config, as final as a measurement.
+INFEASIBLE_TAG = "dolphin.infeasible"
+# On a sweep's parent run: `dolphin.reused.<config_hash>` = the earlier run a skipped config answered with.
+REUSED_TAG_PREFIX = "dolphin.reused."
+SWEEP_TAG = "sweep"
 PLOT_NAME = "plots/latency_vs_qps.png"
 
 # A secret's name as a whole word: `_`, `-`, `.` separate words, so `hf_token` and `--api-key` match
@@ -317,6 +324,49 @@ def start_parent_run(tracking: TrackingConfig, run_name: str, tags: dict) -> str
 
 def end_parent_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def find_answered_run(tracking: TrackingConfig, hash_: str) -> tuple[str, bool] | None:
+    """(run id, infeasible) of the latest run of `tracking.experiment` with this config hash that answered
+    the config: FINISHED, or FAILED by an infeasible memory plan. None when there is none."""
+    client = MlflowClient(tracking.uri)
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.config_hash = '{hash_}'",
+                              order_by=["attributes.start_time DESC"], max_results=1000)
+    answered = (r for r in runs if r.info.status == "FINISHED"
+                or (r.info.status == "FAILED" and r.data.tags.get(INFEASIBLE_TAG) == "true"))
+    run = next(answered, None)
+    return None if run is None else (run.info.run_id, run.info.status == "FAILED")
+
+
+def record_reused_run(tracking_uri: str, parent_run_id: str, hash_: str, run_id: str) -> None:
+    """Note on the sweep's parent that config `hash_` was answered by the earlier run `run_id`. One tag per
+    config, so parallel jobs never overwrite each other."""
+    MlflowClient(tracking_uri).set_tag(parent_run_id, REUSED_TAG_PREFIX + hash_, run_id)
+
+
+def log_report(tracking_uri: str, run_id: str, tables: Mapping[str, Any], files: Iterable[Path],
+               artifact_dir: str = "report") -> None:
+    """Log DataFrames as MLflow tables (`<artifact_dir>/<name>.json`, comparable in the UI) and files
+    (HTML, PNGs) as artifacts of `run_id`."""
+    client = MlflowClient(tracking_uri)
+    for name, frame in tables.items():
+        client.log_table(run_id, data=frame, artifact_file=f"{artifact_dir}/{name}.json")
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def latest_sweeps(tracking_uri: str) -> list[tuple[str, str, str]]:
+    """(experiment name, experiment id, run id) of the latest sweep parent run of each experiment."""
+    client = MlflowClient(tracking_uri)
+    out = []
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{SWEEP_TAG} LIKE '%'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        out += [(exp.name, exp.experiment_id, r.info.run_id) for r in runs]
+    return out
 
 
 def ui_url(tracking_uri: str, experiment_id: str, run_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:

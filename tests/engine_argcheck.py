@@ -63,7 +63,7 @@ def vllm_checker():
         parsed = {k: getattr(ea, k) for k in (
             "model", "served_model_name", "tensor_parallel_size", "data_parallel_size",
             "gpu_memory_utilization", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size",
-            "dtype", "quantization", "kv_cache_dtype", "enable_prefix_caching")}
+            "dtype", "quantization", "kv_cache_dtype", "enable_prefix_caching", "kv_cache_memory_bytes")}
         parsed |= {"host": args.host, "port": args.port}
         if ea.kv_transfer_config is not None:
             kv = ea.kv_transfer_config

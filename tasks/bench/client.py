@@ -11,7 +11,9 @@ byte test.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
+from tasks.bench.http import BodyTruncated, LeanSession
 from tasks.contracts import BenchRequest
 
 # "cancelled": still in flight when the search ended its level early (its verdict was already decided).
@@ -27,7 +30,8 @@ ERROR_CLASSES = ("http", "timeout", "connection", "truncated", "server", "empty"
 
 @dataclass
 class RequestRecord:
-    """One request as measured. Times in seconds; latencies count from `scheduled_s`, not the send."""
+    """One request as measured. Times in seconds; latencies count from `scheduled_s` + `queue_s` (the
+    scheduled send), not the actual send, which is `send_lag_s` later."""
 
     level: int
     request_id: int
@@ -40,6 +44,9 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     ok: bool = False
     error: str | None = None
+    requested_tokens: int = 0  # max_tokens asked for (0: unknown, records from before this field)
+    usage_reported: bool = False  # output_tokens came from the server's usage, not the chunk count
+    queue_s: float = 0.0  # closed loop: time waiting for a concurrency slot, before `scheduled_s` counts
     tpot_s: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -85,6 +92,7 @@ class _Stream:
         self.usage: dict | None = None
         self.done = False
         self.error: str | None = None
+        self.got_headers = False
 
     def _token(self, t: float) -> None:
         self.chunks += 1
@@ -118,8 +126,56 @@ class _Stream:
             self.usage = msg["usage"]
 
 
+class _Lines:
+    """Body bytes -> SSE lines fed to a _Stream, one timestamp per read (chunks read together arrived
+    together)."""
+
+    def __init__(self, st: _Stream):
+        self.st, self.buf = st, b""
+
+    def __call__(self, data: bytes) -> bool:
+        t = time.perf_counter()
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        feed = self.st.feed
+        for line in lines:
+            if len(line) > 1:  # not an event separator ("" or "\r"): half the lines, skipped cheaply
+                feed(line, t)
+        return self.st.error is not None  # stop reading
+
+    def flush(self) -> None:
+        if self.buf and self.st.error is None:
+            self.st.feed(self.buf, time.perf_counter())
+
+
+async def _lean_post(session: LeanSession, url: str, payload: dict, st: _Stream) -> None:
+    lines = _Lines(st)
+
+    def on_headers(status: int) -> None:  # noqa: ARG001 - only called for a 200
+        st.got_headers = True
+
+    status, body = await session.post_stream(url, json.dumps(payload).encode(), on_headers, lines)
+    if status != 200:
+        st.error = f"http: status {status}: {(body or b'').decode(errors='replace')[:200]}"
+    else:
+        lines.flush()
+
+
+async def _aiohttp_post(session: aiohttp.ClientSession, url: str, payload: dict, st: _Stream,
+                        timeout_s: float) -> None:
+    async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        if resp.status != 200:
+            st.error = f"http: status {resp.status}: {(await resp.text())[:200]}"
+            return
+        st.got_headers = True
+        lines = _Lines(st)
+        async for data in resp.content.iter_any():
+            if lines(data):
+                break
+        lines.flush()
+
+
 async def _stream_request(
-    session: aiohttp.ClientSession,
+    session: LeanSession | aiohttp.ClientSession,
     url: str,
     payload: dict,
     text_of: Callable[[dict], str | None],
@@ -133,29 +189,18 @@ async def _stream_request(
     start = time.perf_counter() if start is None else start
     sent = time.perf_counter()
     st = _Stream(start, text_of)
-    got_headers = False
     try:
-        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                st.error = f"http: status {resp.status}: {(await resp.text())[:200]}"
-            else:
-                got_headers = True
-                buf = b""
-                async for data in resp.content.iter_any():
-                    t = time.perf_counter()  # one timestamp per read: chunks read together arrived together
-                    *lines, buf = (buf + data).split(b"\n")
-                    for line in lines:
-                        st.feed(line, t)
-                    if st.error:
-                        break
-                if buf and not st.error:
-                    st.feed(buf, time.perf_counter())
+        if isinstance(session, LeanSession):
+            async with asyncio.timeout(timeout_s):
+                await _lean_post(session, url, payload, st)
+        else:
+            await _aiohttp_post(session, url, payload, st, timeout_s)
     except TimeoutError:  # asyncio.TimeoutError is TimeoutError on 3.11; aiohttp's timeouts subclass it
         st.error = f"timeout: no complete response within {timeout_s:.3g}s"
-    except aiohttp.ClientPayloadError as exc:
+    except (aiohttp.ClientPayloadError, BodyTruncated) as exc:
         st.error = f"truncated: {exc}"
-    except aiohttp.ClientConnectionError as exc:
-        st.error = f"{'truncated' if got_headers else 'connection'}: {type(exc).__name__}: {exc}"
+    except (aiohttp.ClientConnectionError, OSError) as exc:  # OSError: refused, reset (ConnectionError)
+        st.error = f"{'truncated' if st.got_headers else 'connection'}: {type(exc).__name__}: {exc}"
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         st.error = f"server: unparseable chunk: {type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a request never takes the whole level down
@@ -173,6 +218,8 @@ async def _stream_request(
         send_lag_s=sent - start,
         prompt_tokens=int(usage.get("prompt_tokens") or req.prompt_tokens),
         output_tokens=int(usage.get("completion_tokens") or st.chunks),
+        requested_tokens=req.max_tokens,
+        usage_reported="completion_tokens" in usage,
         ttft_s=st.ttft,
         e2el_s=(st.last_data if ok else time.perf_counter()) - start,
         itl_s=st.itl,
@@ -181,15 +228,17 @@ async def _stream_request(
     )
 
 
-_COMMON = {"stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+_COMMON = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
 
 
 async def request_completions(
     session: aiohttp.ClientSession, base_url: str, model: str, req: BenchRequest, timeout_s: float,
     *, level: int = 0, request_id: int = 0, scheduled_s: float = 0.0, start: float | None = None,
+    ignore_eos: bool = True,
 ) -> RequestRecord:
     """POST /v1/completions. `start`: the perf_counter time latencies count from (default: now)."""
-    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, **_COMMON}
+    payload = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "ignore_eos": ignore_eos,
+               **_COMMON}
     return await _stream_request(session, base_url.rstrip("/") + "/v1/completions", payload, _completion_text,
                                  req, timeout_s, level, request_id, scheduled_s, start)
 
@@ -197,10 +246,11 @@ async def request_completions(
 async def request_chat(
     session: aiohttp.ClientSession, base_url: str, model: str, req: BenchRequest, timeout_s: float,
     *, level: int = 0, request_id: int = 0, scheduled_s: float = 0.0, start: float | None = None,
+    ignore_eos: bool = True,
 ) -> RequestRecord:
     """POST /v1/chat/completions with the prompt as one user message."""
     payload = {"model": model, "messages": [{"role": "user", "content": req.prompt}],
-               "max_tokens": req.max_tokens, **_COMMON}
+               "max_tokens": req.max_tokens, "ignore_eos": ignore_eos, **_COMMON}
     return await _stream_request(session, base_url.rstrip("/") + "/v1/chat/completions", payload, _chat_text,
                                  req, timeout_s, level, request_id, scheduled_s, start)
 
@@ -209,9 +259,15 @@ RequestFn = Callable[..., Awaitable[RequestRecord]]
 REQUEST_FUNCS: dict[str, RequestFn] = {"completions": request_completions, "chat": request_chat}
 
 
-def new_session() -> aiohttp.ClientSession:
-    """One per level: no connection limit, so arrivals are never queued client-side."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+def new_session(kind: str | None = None) -> LeanSession | aiohttp.ClientSession:
+    """One per level: no connection limit, so arrivals are never queued client-side. `kind`: "lean"
+    (tasks.bench.http, the default) or "aiohttp"; default from $DOLPHIN_BENCH_HTTP."""
+    kind = kind or os.environ.get("DOLPHIN_BENCH_HTTP", "lean")
+    if kind == "aiohttp":
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    if kind != "lean":
+        raise ValueError(f"DOLPHIN_BENCH_HTTP={kind!r}: use lean or aiohttp")
+    return LeanSession()
 
 
 def error_class(record: RequestRecord) -> str | None:

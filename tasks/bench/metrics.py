@@ -59,6 +59,7 @@ def to_engine_record(rec: RequestRecord, time_scale: float) -> RequestRecord:
         rec,
         scheduled_s=scale(rec.scheduled_s),
         send_lag_s=scale(rec.send_lag_s),
+        queue_s=scale(rec.queue_s),
         ttft_s=scale(rec.ttft_s),
         e2el_s=scale(rec.e2el_s),
         itl_s=to_engine_s(np.asarray(rec.itl_s, dtype=float), time_scale).tolist(),
@@ -135,7 +136,7 @@ def backlog_violation(records: list[RequestRecord], duration_s: float, slo_targe
     of requests (which see a nearly empty server). All in the same clock as `duration_s`."""
     if not records:
         return None
-    span = max(r.scheduled_s + r.send_lag_s for r in records)
+    span = max(r.scheduled_s + r.queue_s + r.send_lag_s for r in records)
     e2el_bounds = [b / 1e3 for k, b in slo_targets.items() if parse_target(k)[0] == "e2el"]
     if e2el_bounds:
         allowance = max(e2el_bounds)
@@ -257,6 +258,7 @@ def summarize_level(
     slo_targets: dict[str, float],
     time_scale: float = 1.0,
     decided_early: str | None = None,
+    min_goodput_pct: float | None = None,
 ) -> LevelResult:
     """Aggregate one level. `records` and `duration_s` are wall-clock as measured (the level start to
     its last response); `target_qps` is in engine time, as is everything in the result. `decided_early`:
@@ -271,6 +273,12 @@ def summarize_level(
     # The backlog rule weighs a whole level's duration against its arrival span: not a level cut short.
     backlog = None if decided_early else backlog_violation(recs, duration, slo_targets)
     violations += [v for v in (failure_violation(recs), backlog) if v]
+    good = int(goodput_mask(ok, slo_targets).sum())
+    if min_goodput_pct is not None:
+        judged = sum(error_class(r) != CANCELLED for r in recs)
+        share = 100.0 * good / judged if judged else 0.0
+        if share < min_goodput_pct:
+            violations.append(f"goodput {share:.1f}% < {min_goodput_pct:g}% of requests within every bound")
     per_s = 1.0 / duration if duration > 0 else 0.0
     return LevelResult(
         index=index,
@@ -285,7 +293,84 @@ def summarize_level(
         itl_ms=percentiles(samples["itl"]),
         e2el_ms=percentiles(samples["e2el"]),
         output_tok_per_s=sum(r.output_tokens for r in ok) * per_s,
-        goodput_rps=int(goodput_mask(ok, slo_targets).sum()) * per_s,
+        goodput_rps=good * per_s,
         slo_met=not violations,
         violations=violations,
     )
+
+
+# ---------------------------------------------------------------- client validity and server honesty
+def send_lag_p99_ms(records: list[RequestRecord]) -> float:
+    """p99 of the client's send lag (actual send - scheduled send), ms; 0 without records."""
+    lags = np.array([r.send_lag_s for r in records], dtype=float)
+    return float(np.percentile(lags, 99)) * 1e3 if lags.size else 0.0
+
+
+def lag_verdict(records: list[RequestRecord], max_lag_ms: float | None) -> str | None:
+    """Why the run is invalid (the client could not send on schedule, so its latencies are partly the
+    client's), or None when its p99 send lag is within `max_lag_ms` (None: not checked)."""
+    if max_lag_ms is None or not records:
+        return None
+    p99 = send_lag_p99_ms(records)
+    if p99 > max_lag_ms:
+        return (f"client send lag p99 {p99:.2f} ms > {max_lag_ms:g} ms: the client could not keep the "
+                f"schedule, so latencies include client delay; lower the rate or free the client's CPU")
+    return None
+
+
+def usage_mismatches(records: list[RequestRecord]) -> dict[str, int]:
+    """Completed requests whose output tokens disagree with what was asked (meaningful with ignore_eos):
+    `tokens` (usage completion_tokens != max_tokens), `no_usage` (the server sent no usage; the chunk
+    count stood in), `chunks_over_tokens` (more streamed chunks than the usage's tokens)."""
+    ok = [r for r in records if r.ok and r.requested_tokens]
+    return {
+        "tokens": sum(r.output_tokens != r.requested_tokens for r in ok if r.usage_reported),
+        "no_usage": sum(not r.usage_reported for r in ok),
+        "chunks_over_tokens": sum(len(r.itl_s) + 1 > r.output_tokens for r in ok if r.usage_reported),
+    }
+
+
+def error_counts(records: list[RequestRecord]) -> dict[str, int]:
+    """Failed requests by error class (`tasks.bench.client.ERROR_CLASSES`)."""
+    return dict(Counter(error_class(r) for r in records if not r.ok))
+
+
+# ---------------------------------------------------------------- confidence intervals
+BOOTSTRAP_RESAMPLES = 2000
+_BOOTSTRAP_CELLS = 4_000_000  # resample in chunks of at most this many values (memory)
+
+
+def bootstrap_ci(values: np.ndarray | list[float], q: float, confidence: float = 0.95,
+                 resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the q-th percentile (numpy linear) of `values`.
+    (nan, nan) without values."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, _BOOTSTRAP_CELLS // v.size)
+    stats = np.concatenate([
+        np.percentile(v[rng.integers(0, v.size, size=(min(per_chunk, resamples - done), v.size))], q, axis=1)
+        for done in range(0, resamples, per_chunk)
+    ])
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def target_cis(records: list[RequestRecord], slo_targets: dict[str, float], time_scale: float = 1.0,
+               confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """Per SLO target: the measured percentile, its bootstrap CI (engine ms) and what the CI says of the
+    verdict: "holds" (CI below the bound), "violated" (above) or "uncertain" (the bound is inside)."""
+    ok = [to_engine_record(r, time_scale) for r in records if r.ok]
+    samples = samples_ms(ok)
+    out = {}
+    for key, bound in slo_targets.items():
+        metric, q = parse_target(key)
+        v = samples[metric]
+        point = float(np.percentile(v, q)) if v.size else float("nan")
+        lo, hi = bootstrap_ci(v, q, confidence, seed=seed)
+        verdict = "holds" if hi <= bound else "violated" if lo > bound else "uncertain"
+        out[key] = {"value_ms": point, "ci_low_ms": lo, "ci_high_ms": hi, "confidence": confidence,
+                    "bound_ms": bound, "n": int(v.size), "ci_verdict": verdict if v.size else "no samples"}
+    return out

@@ -12,23 +12,27 @@ have no record. A level that holds its SLO always runs every request.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
+import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Coroutine, Generator, TypeVar
+from typing import Callable, Coroutine, Generator, Iterator, TypeVar
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from tasks.bench.client import REQUEST_FUNCS, RequestFn, RequestRecord, new_session
 from tasks.bench.engine_metrics import LevelProbe
-from tasks.bench.load import poisson_arrivals
+from tasks.bench.progress import LiveStats, make_progress
+from tasks.bench.load import ArrivalFn, poisson_arrivals
 from tasks.bench.metrics import (
-    CANCELLED, EarlyVerdict, parse_target, summarize_level, to_engine_record, to_engine_s, to_wall_s,
+    CANCELLED, EarlyVerdict, parse_target, summarize_level, to_engine_record, to_wall_s,
 )
 from tasks.config import BenchConfig, SLOConfig
 from tasks.contracts import BenchRequest, BenchResult, Endpoint, LevelResult
@@ -43,6 +47,12 @@ CHECK_INTERVAL_WALL_S = 0.05  # how often in-flight requests are checked against
 # A record's E2EL ends at its last data chunk, and [DONE] may trail it: an in-flight request counts as
 # over an E2EL bound only this much (wall) after it, so one finishing just under the bound never does.
 DONE_GUARD_WALL_S = 0.05
+# The last stretch before a send is waited by yielding to the loop, not by a timer (which wakes up to
+# 1 ms late); $DOLPHIN_BENCH_SPIN_MS overrides it, 0 turns it off.
+SPIN_S = float(os.environ.get("DOLPHIN_BENCH_SPIN_MS", "1.0")) / 1e3
+DISPATCH_LEAD_S = 0.02  # a request's task exists this long before its send
+# A percentile estimate needs this many samples at or beyond it (the issue's 10 / (1 - p) rule).
+MIN_TAIL_SAMPLES = 10
 
 
 def search_qps(start: float, growth: float, tolerance: float, max_levels: int) -> Generator[float, bool, None]:
@@ -79,36 +89,28 @@ def search_qps(start: float, growth: float, tolerance: float, max_levels: int) -
         good, bad = (mid, bad) if met else (good, mid)
 
 
-def level_size(qps: float, bench: BenchConfig, slo: SLOConfig) -> int:
+def min_requests_for_percentile(q: float, tail: int = MIN_TAIL_SAMPLES) -> int:
+    """Fewest requests whose q-th percentile rests on >= `tail` samples at or above it:
+    ceil(tail / (1 - q/100)) (tail 10: p90 100, p99 1000, p99.9 10000). The max (q = 100): 1."""
+    if q >= 100 or tail <= 0:
+        return 1
+    return math.ceil(round(tail / (1 - q / 100), 6))  # 10 / 0.001 is 10000.000000000009
+
+
+def level_size(qps: float, bench: BenchConfig, slo: SLOConfig, min_tail_samples: int = MIN_TAIL_SAMPLES) -> int:
     """Requests in a level at `qps`: bench.requests_per_level, or more so that arrivals span
-    bench.min_level_duration_s and LEVEL_SPAN_PER_BOUND x the largest TTFT/E2EL bound (engine seconds)."""
-    bounds_s = [b / 1e3 for k, b in slo.targets.items() if parse_target(k)[0] in ("ttft", "e2el")]
+    bench.min_level_duration_s and LEVEL_SPAN_PER_BOUND x the largest TTFT/E2EL bound (engine seconds),
+    and so that every target's percentile has `min_requests_for_percentile` requests behind it."""
+    targets = [parse_target(k) + (b,) for k, b in slo.targets.items()]
+    bounds_s = [b / 1e3 for metric, _, b in targets if metric in ("ttft", "e2el")]
     span_s = max([bench.min_level_duration_s, *(LEVEL_SPAN_PER_BOUND * b for b in bounds_s)])
-    return max(bench.requests_per_level, math.ceil(span_s * qps))
+    tail = max(min_requests_for_percentile(q, min_tail_samples) for _, q, _ in targets)
+    return max(bench.requests_per_level, math.ceil(span_s * qps), tail)
 
 
 def level_requests(requests: list[BenchRequest], n: int, rng: np.random.Generator) -> list[BenchRequest]:
     """n requests cycling through a seeded permutation of the dataset."""
     return [requests[i] for i in np.resize(rng.permutation(len(requests)), n)]
-
-
-class _LevelProgress:
-    """A rich progress row per level (stderr): done/total, target QPS, running p99 E2EL (engine ms)."""
-
-    def __init__(self, progress: Progress | None, index: int, qps: float, total: int, time_scale: float):
-        self.progress, self.time_scale = progress, time_scale
-        self.e2el_ms: list[float] = []
-        self.task = None
-        if progress is not None:
-            self.task = progress.add_task(f"level {index} @ {qps:.3g} qps", total=total, p99="-")
-
-    def done(self, rec: RequestRecord) -> None:
-        if self.progress is None:
-            return
-        if rec.ok and rec.e2el_s is not None:
-            self.e2el_ms.append(to_engine_s(rec.e2el_s, self.time_scale) * 1e3)
-        p99 = f"p99 e2el {np.percentile(self.e2el_ms, 99):.0f} ms" if self.e2el_ms else "-"
-        self.progress.update(self.task, advance=1, p99=p99)
 
 
 @dataclass
@@ -124,14 +126,84 @@ def _cancelled_record(req: BenchRequest, index: int, i: int, offset: float, lag:
                          error=f"{CANCELLED}: in flight when the level's SLO verdict was decided")
 
 
+class _Slots:
+    """A semaphore that tells each waiter when its slot was freed: in a closed loop that instant, not the
+    waiter's wake-up, is the request's scheduled send, so a slow event loop shows up as send lag."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self.waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self) -> float | None:
+        """None when a slot was free at once; else the perf_counter time it was freed for us."""
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot while being cancelled: pass it on
+            else:
+                self.waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(time.perf_counter())
+                return
+        self.free += 1
+
+
+async def sleep_until(t: float) -> None:
+    """Wake at perf_counter time t, to tens of microseconds: the event loop's own timers wake up to 1 ms
+    late (epoll waits in whole ms), so sleep to SPIN_S before t, then yield to the loop until t."""
+    delay = t - time.perf_counter()
+    if delay > SPIN_S:
+        await asyncio.sleep(delay - SPIN_S)
+    while time.perf_counter() < t:
+        await asyncio.sleep(0)  # other callbacks (responses) still run
+
+
+@contextmanager
+def _quiet_gc() -> Iterator[None]:
+    """Fewer, smaller garbage collections while a level runs (as vLLM's freeze_gc_heap): a full collection
+    of the heap can stall the event loop for tens of ms, which shows up as send lag."""
+    gc.collect()
+    gc.freeze()
+    old = gc.get_threshold()
+    gc.set_threshold(50_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 async def run_level(
     fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], offsets_wall: np.ndarray, timeout_wall: float,
     index: int, on_done: Callable[[RequestRecord], None] = lambda r: None, verdict: EarlyVerdict | None = None,
+    max_concurrency: int | None = None, ignore_eos: bool = True,
 ) -> LevelRun:
     """Send reqs[i] at offsets_wall[i] after the level start. With a `verdict`, stop as soon as it is
     decided: the counters are checked as each request finishes, the in-flight ones every
-    CHECK_INTERVAL_WALL_S against the E2EL bounds."""
+    CHECK_INTERVAL_WALL_S against the E2EL bounds. With `max_concurrency`, a request also waits for one
+    of that many slots (closed loop); its latencies then count from the later of its arrival and the
+    moment its slot was freed (`queue_s` after `scheduled_s`)."""
     offsets = np.asarray(offsets_wall, dtype=float)
+    slots = _Slots(max_concurrency) if max_concurrency else None
+    with _quiet_gc():
+        return await _run_level(fn, endpoint, reqs, offsets, timeout_wall, index, on_done, verdict, slots,
+                                ignore_eos)
+
+
+async def _run_level(fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], offsets: np.ndarray,
+                     timeout_wall: float, index: int, on_done: Callable[[RequestRecord], None],
+                     verdict: EarlyVerdict | None, slots: _Slots | None, ignore_eos: bool) -> LevelRun:
     records: list[RequestRecord | None] = [None] * len(reqs)
     finished = np.zeros(len(reqs), dtype=bool)
     why: list[str] = []
@@ -150,16 +222,23 @@ async def run_level(
 
         async def one(i: int, req: BenchRequest, offset: float) -> None:
             start = t0 + offset
-            delay = start - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # cancelled here: never sent, no record
+            await sleep_until(start)  # cancelled here: never sent, no record
+            if slots is not None:
+                freed = await slots.acquire()  # cancelled here: never sent, no record
+                if freed is not None and freed > start:
+                    start = freed
             sent = time.perf_counter()
             try:
                 rec = await fn(session, endpoint.base_url, endpoint.model_name, req, timeout_wall,
-                               level=index, request_id=i, scheduled_s=offset, start=start)
+                               level=index, request_id=i, scheduled_s=offset, start=start, ignore_eos=ignore_eos)
             except asyncio.CancelledError:
                 records[i] = _cancelled_record(req, index, i, offset, sent - start, time.perf_counter() - start)
+                records[i].queue_s = start - t0 - offset
                 raise
+            finally:
+                if slots is not None:
+                    slots.release()
+            rec.queue_s = start - t0 - offset
             records[i], finished[i] = rec, True
             on_done(rec)
             if verdict is not None:
@@ -176,11 +255,24 @@ async def run_level(
                 if reason := verdict.decided(over):
                     stop(reason)
 
-        tasks += [asyncio.create_task(one(i, r, float(o))) for i, (r, o) in enumerate(zip(reqs, offsets))]
+        async def dispatch() -> None:
+            # Each request's task is created DISPATCH_LEAD_S before its send (not all up front, which
+            # would take the loop for a while at t0 and hold thousands of timers); it then waits to the
+            # instant itself.
+            for i, (req, offset) in enumerate(zip(reqs, offsets.tolist())):
+                delay = t0 + offset - DISPATCH_LEAD_S - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if why:
+                    return
+                tasks.append(asyncio.create_task(one(i, req, offset)))
+
+        tasks.append(asyncio.create_task(dispatch()))  # first, so that stop() cancels it too
         bounds = verdict.e2el_bounds_wall_s() if verdict is not None else {}
         watcher = asyncio.create_task(watch(bounds)) if bounds else None
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(tasks[0], return_exceptions=True)
+            results = await asyncio.gather(*tasks[1:], return_exceptions=True)
         finally:  # also when we are cancelled ourselves: leave no task behind
             for t in tasks:
                 t.cancel()
@@ -194,11 +286,13 @@ async def run_level(
     return LevelRun([r for r in records if r is not None], duration, why[0] if why else None)
 
 
-async def warmup(fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], timeout_wall: float) -> None:
+async def warmup(fn: RequestFn, endpoint: Endpoint, reqs: list[BenchRequest], timeout_wall: float,
+                 ignore_eos: bool = True) -> None:
     """Sequential requests before the first level (connections, engine caches); not recorded."""
     async with new_session() as session:
         for i, req in enumerate(reqs):
-            await fn(session, endpoint.base_url, endpoint.model_name, req, timeout_wall, level=-1, request_id=i)
+            await fn(session, endpoint.base_url, endpoint.model_name, req, timeout_wall, level=-1, request_id=i,
+                     ignore_eos=ignore_eos)
 
 
 def _append_records(path: Path, records: list[RequestRecord], time_scale: float) -> None:
@@ -207,15 +301,30 @@ def _append_records(path: Path, records: list[RequestRecord], time_scale: float)
         f.flush()
 
 
+@dataclass
+class SearchOptions:
+    """What `dolphin bench --search` sets beyond BenchConfig (the pipeline uses the defaults)."""
+
+    arrivals: ArrivalFn = poisson_arrivals  # e.g. functools.partial(gamma_arrivals, shape=burstiness)
+    time_budget_s: float | None = None  # wall seconds; no level starts that would end past it
+    ignore_eos: bool = True
+    min_tail_samples: int = MIN_TAIL_SAMPLES  # 0: no percentile-driven level size
+    min_goodput_pct: float | None = None  # also an SLO: share of requests meeting every bound
+    notes: list[str] = field(default_factory=list)  # why the search stopped early, when it did
+
+
 async def _search(
     endpoint: Endpoint, requests: list[BenchRequest], bench: BenchConfig, slo: SLOConfig, records_path: Path,
     start_qps: float, on_level: Callable[[LevelResult], None] | None, progress: Progress | None,
+    opts: SearchOptions,
 ) -> list[LevelResult]:
     fn = REQUEST_FUNCS[bench.endpoint]
     ts = endpoint.time_scale
     timeout_wall = float(to_wall_s(bench.request_timeout_s, ts))
+    t_start = time.perf_counter()
     if bench.warmup_requests:
-        await warmup(fn, endpoint, [requests[i % len(requests)] for i in range(bench.warmup_requests)], timeout_wall)
+        await warmup(fn, endpoint, [requests[i % len(requests)] for i in range(bench.warmup_requests)],
+                     timeout_wall, opts.ignore_eos)
     levels: list[LevelResult] = []
     plan = search_qps(start_qps, bench.growth, bench.bisect_tolerance, bench.max_levels)
     verdict = None
@@ -226,21 +335,31 @@ async def _search(
             return levels
         index = len(levels)
         rng = np.random.default_rng(bench.seed + index)
-        n = level_size(qps, bench, slo)
+        n = level_size(qps, bench, slo, opts.min_tail_samples)
+        offsets_wall = to_wall_s(opts.arrivals(qps, n, rng), ts)
+        if opts.time_budget_s is not None and levels:
+            left = opts.time_budget_s - (time.perf_counter() - t_start)
+            if float(offsets_wall[-1]) > left:  # a held level runs to its end: it would not fit
+                opts.notes.append(f"time budget: level {index} at {qps:.3g} QPS needs "
+                                  f"{float(offsets_wall[-1]):.0f} s, {max(left, 0):.0f} s of "
+                                  f"{opts.time_budget_s:g} s left")
+                return levels
         reqs = level_requests(requests, n, rng)
-        offsets_wall = to_wall_s(poisson_arrivals(qps, n, rng), ts)
-        bar = _LevelProgress(progress, index, qps, n, ts)
+        bar = LiveStats(progress, f"level {index} @ {qps:.3g} qps", n, ts)
         early = EarlyVerdict(n, dict(slo.targets), ts)
         # The engine's own view of the level (KV usage, queueing, preemptions, spec acceptance), sampled
         # off the event loop so that polling /metrics never delays a send.
-        probe = LevelProbe(endpoint.base_url, interval_s=min(1.0, max(0.1, float(offsets_wall[-1]) / 30)))
+        probe = LevelProbe(endpoint.metrics_url, interval_s=min(1.0, max(0.1, float(offsets_wall[-1]) / 30)))
         await asyncio.to_thread(probe.start)
         try:
-            run = await run_level(fn, endpoint, reqs, offsets_wall, timeout_wall, index, bar.done, early)
+            run = await run_level(fn, endpoint, reqs, offsets_wall, timeout_wall, index, bar.done, early,
+                                  ignore_eos=opts.ignore_eos)
         finally:
             engine = await asyncio.to_thread(probe.stop)
+        bar.refresh()
         _append_records(records_path, run.records, ts)
-        level = summarize_level(index, qps, run.records, run.duration_wall, dict(slo.targets), ts, run.decided)
+        level = summarize_level(index, qps, run.records, run.duration_wall, dict(slo.targets), ts, run.decided,
+                                min_goodput_pct=opts.min_goodput_pct)
         level = level.model_copy(update={"engine": engine})
         levels.append(level)
         verdict = level.slo_met
@@ -267,9 +386,12 @@ def run_slo_search(
     start_qps_hint: float | None = None,
     on_level: Callable[[LevelResult], None] | None = None,
     quiet: bool = False,
+    options: SearchOptions | None = None,
 ) -> BenchResult:
     """Find the highest Poisson QPS (engine time) at which every SLO target holds. Request records go to
-    out_dir/requests.jsonl (engine time, one line per request, appended as each level ends)."""
+    out_dir/requests.jsonl (engine time, one line per request, appended as each level ends). `options`:
+    arrival shape, time budget, goodput SLO (see SearchOptions; `options.notes` says why it stopped)."""
+    opts = options or SearchOptions()
     if not requests:
         raise ValueError("run_slo_search needs at least one request")
     out_dir = Path(out_dir)
@@ -277,14 +399,10 @@ def run_slo_search(
     records_path = out_dir / "requests.jsonl"
     records_path.write_text("")  # one search, one file
     start = bench.start_qps or start_qps_hint or 1.0
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[p99]}"),
-        TimeElapsedColumn(), console=console, disable=quiet or not console.is_terminal,
-    )
+    progress = make_progress(quiet)
     with progress:
         levels = _run_sync(_search(endpoint, requests, bench, slo, records_path, start, on_level,
-                                   None if progress.disable else progress))
+                                   None if progress.disable else progress, opts))
     good = [lv for lv in levels if lv.slo_met]
     best = max(good, key=lambda lv: lv.target_qps) if good else None
     return BenchResult(

@@ -1,13 +1,16 @@
 """Stage 5 entry: build the scenario dataset, then search for the highest QPS that holds the SLO."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.bench.client import load_records
 from tasks.bench.engine_metrics import scrape
-from tasks.bench.search import run_slo_search
+from tasks.bench.metrics import target_cis
+from tasks.bench.search import SearchOptions, run_slo_search
 from tasks.catalog import GpuSpec, ModelArch
 from tasks.config import BenchConfig, SLOConfig, WorkloadConfig
 from tasks.contracts import BenchResult, LevelResult, QuantChoice, WorkloadProfile
@@ -58,6 +61,18 @@ def bench_task(handle: EngineHandle, profile: WorkloadProfile, quant: QuantChoic
         handle.check_alive()  # a dead engine fails the stage with its log tail, not a silent 0 QPS
 
     hint = start_qps_hint(quant, profile, model, gpu)
+    options = SearchOptions(min_tail_samples=bench.min_tail_samples)
     result = run_slo_search(handle.endpoint, requests, bench, slo, run_dir, start_qps_hint=hint,
-                            on_level=after_level)
-    return result.model_copy(update={"engine_metrics": scrape(handle.endpoint.base_url)})
+                            on_level=after_level, options=options)
+    write_level_cis(result, run_dir / "level_cis.json")
+    return result.model_copy(update={"engine_metrics": scrape(handle.endpoint.metrics_url)})
+
+
+def write_level_cis(result: BenchResult, path: Path) -> Path:
+    """Each level's SLO percentiles with bootstrap confidence intervals (LevelResult has no field for
+    them): {level index: {target: {value_ms, ci_low_ms, ci_high_ms, ci_verdict, ...}}}."""
+    records = load_records(result.records_path)  # already in engine time
+    cis = {lv.index: target_cis([r for r in records if r.level == lv.index], result.slo_targets)
+           for lv in result.levels}
+    path.write_text(json.dumps(cis, indent=2))
+    return path

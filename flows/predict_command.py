@@ -1,0 +1,36 @@
+"""`dolphin predict`: predicted TTFT, TPOT and output throughput for rows of a measured-runs CSV.
+
+IN has the columns of aiconfigurator's silicon_sample.csv (model_path, system, backend, precision, mode,
+isl, osl, batch_size = closed-loop concurrency, tp_size, prefill_*/decode_* for disagg rows). OUT is IN
+plus pred_ttft_ms, pred_tpot_ms, pred_output_tok_per_s (whole deployment) and pred_reason (empty when
+predicted; otherwise why the row could not be modelled).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict TTFT/TPOT/throughput for each row of a runs CSV")
+    p.add_argument("--rows", required=True, type=Path, help="input CSV (aiconfigurator silicon_sample columns)")
+    p.add_argument("--out", required=True, type=Path, help="output CSV: input + pred_* columns")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks.perf_predict import predict_frame
+
+    if not args.rows.is_file():
+        raise ValueError(f"--rows {args.rows}: no such file")
+    try:
+        df = pd.read_csv(args.rows)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--rows {args.rows}: not a CSV ({exc})") from None
+    out = predict_frame(df)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(args.out, index=False)
+    done = int(out["pred_reason"].eq("").sum())
+    print(f"predicted {done} of {len(out)} rows -> {args.out}")
+    return 0

@@ -1,0 +1,108 @@
+"""Predicted TTFT / TPOT / throughput of a planned deployment at a target request rate (`dolphin plan`).
+
+Aggregated: the discrete-event scheduler (`perf_sim`) plays a Poisson workload at the target rate per
+replica; the closed-form step model splits its TTFT and TPOT into compute, memory, communication,
+overhead and queueing (queueing = simulated TTFT minus one request's own prefill service).
+Disaggregated: the closed-form prefill-pool / decode-pool model at the concurrency that carries the rate.
+Speculative decoding: `spec_decode_step` scales the decode step by the tokens each step accepts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.perf_model import PerfModel
+from tasks.perf_sim import poisson_trace, simulate
+from tasks.perf_steady import PARTS, agg_steady, disagg_steady
+
+SIM_SECONDS = 120.0  # simulated workload length: enough arrivals for stable means, well under a second
+
+
+@dataclass
+class Prediction:
+    ttft_ms: float
+    tpot_ms: float
+    output_tok_s: float  # whole deployment
+    ttft_parts_ms: dict[str, float] = field(default_factory=dict)
+    tpot_parts_ms: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def expected_accepted(k: int, acceptance: float) -> float:
+    """Tokens a verify step yields with k draft tokens accepted independently with prob `acceptance`
+    (the accepted prefix plus the target's own token)."""
+    if k <= 0:
+        return 1.0
+    a = min(max(acceptance, 0.0), 0.999999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def spec_decode_step(pm: PerfModel, batch: float, context: float, k: int, acceptance: float,
+                     draft: PerfModel | None = None) -> tuple[float, float]:
+    """(seconds per output token, seconds per verify cycle) of speculative decoding at `batch` sequences:
+    the target verifies k+1 tokens per sequence in one step; a draft model (None: n-gram, free) runs k
+    decode steps of its own first."""
+    verify = float(pm.step(decode_seqs=batch, decode_context_tokens=batch * context,
+                           tokens_per_decode_seq=k + 1).seconds)
+    drafting = 0.0 if draft is None else k * float(draft.step(decode_seqs=batch,
+                                                                decode_context_tokens=batch * context).seconds)
+    cycle = verify + drafting
+    return cycle / expected_accepted(k, acceptance), cycle
+
+
+def _ms(parts: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v).ravel()[0]) * 1e3 for k, v in parts.items()}
+
+
+def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean_output: float, *,
+                max_num_batched_tokens: int, max_num_seqs: int, kv_capacity_tokens: int, replicas: int = 1,
+                spec_k: int = 0, acceptance: float = 0.0, seed: int = 0) -> Prediction:
+    per = qps / replicas
+    trace = poisson_trace(per, SIM_SECONDS, int(round(mean_input)), int(round(mean_output)), seed=seed)
+    if len(trace[0]) == 0:
+        raise ValueError(f"target rate {qps} QPS gives no arrivals in {SIM_SECONDS:.0f} s")
+    res = simulate(pm, *trace, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                   kv_capacity_tokens=kv_capacity_tokens)
+    request_s = pm.params.request_overhead(backend)  # HTTP, tokenisation: outside the engine's steps
+    ttft, tpot = float(np.nanmean(res.ttft_s)) + request_s, float(np.nanmean(res.tpot_s))
+    # The same engine at the concurrency the simulation saw (Little's law), prompts arriving one by one.
+    conc = max(1.0, per * float(np.nanmean(res.e2e_s)))
+    cf = agg_steady(pm, backend, mean_input, mean_output, conc, request_overhead_s=0.0, sync=0.0,
+                    max_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                    kv_tokens=kv_capacity_tokens)
+    ttft_parts = {k: v for k, v in _ms({k: cf[f"ttft_{k}_s"] for k in PARTS}).items() if k != "queue"}
+    ttft_parts["overhead"] += request_s * 1e3
+    ttft_parts["queue"] = max(0.0, ttft * 1e3 - sum(ttft_parts.values()))
+    tpot_cf = _ms({k: cf[f"tpot_{k}_s"] for k in PARTS})
+    total = sum(tpot_cf.values()) or 1.0
+    tpot_parts = {k: v * tpot * 1e3 / total for k, v in tpot_cf.items()}
+    note = ""
+    if spec_k:
+        per_token, _ = spec_decode_step(pm, conc, mean_input + mean_output / 2, spec_k, acceptance)
+        scale = per_token / max(float(np.asarray(cf["tpot_s"]).ravel()[0]), 1e-9)
+        tpot *= scale
+        tpot_parts = {k: v * scale for k, v in tpot_parts.items()}
+        note = f"speculative: {expected_accepted(spec_k, acceptance):.2f} tokens per verify step"
+    done = np.isfinite(res.e2e_s)
+    tok_s = replicas * float(res.output_tokens[done].sum() / res.end_s)
+    return Prediction(ttft * 1e3, tpot * 1e3, tok_s, ttft_parts, tpot_parts, note)
+
+
+def predict_disagg(pm_p: PerfModel, pm_d: PerfModel, backend: str, qps: float, mean_input: float,
+                   mean_output: float, prefill_workers: int, decode_workers: int) -> Prediction:
+    """Closed-form pools at the closed-loop concurrency whose throughput is `qps` (bisection)."""
+    def at(conc: float) -> dict:
+        return disagg_steady(pm_p, pm_d, backend, mean_input, mean_output, conc, prefill_workers, decode_workers,
+                             request_overhead_s=pm_p.params.request_overhead(backend),
+                             reserve_gib=pm_p.params.memory_reserve_gib)
+
+    lo, hi = 1e-3, 1e5
+    for _ in range(60):
+        mid = np.sqrt(lo * hi)
+        rate = float(at(mid)["output_tok_s"]) / mean_output
+        lo, hi = (mid, hi) if rate < qps else (lo, mid)
+    out = at(lo)
+    note = "" if float(out["output_tok_s"]) / mean_output >= 0.99 * qps else "target rate above the pools' capacity"
+    return Prediction(float(out["ttft_s"]) * 1e3, float(out["tpot_s"]) * 1e3, float(out["output_tok_s"]),
+                      _ms({k: out[f"ttft_{k}_s"] for k in PARTS}), _ms({k: out[f"tpot_{k}_s"] for k in PARTS}), note)

@@ -1,0 +1,92 @@
+"""Predict TTFT, TPOT and output throughput for rows of measured-run CSVs (`dolphin predict`).
+
+Rows are resolved (`perf_rows`), grouped by everything that fixes a PerfModel (model, GPU, dtypes, TP,
+backend), and each group is costed in one vectorised call of `perf_steady`. Rows that cannot be modelled
+keep empty predictions and say why in `pred_reason`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from tasks.perf_model import PerfModel, PerfParams, load_perf_params
+from tasks.perf_rows import ResolvedRow, resolve_row
+from tasks.perf_steady import agg_steady, disagg_steady
+
+PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
+# KV moves between nodes over the scale-out network once a deployment outgrows one 8-GPU node.
+NODE_GPUS = 8
+SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
+
+
+def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]]:
+    rows, reasons = [], []
+    for rec in df.to_dict("records"):
+        try:
+            rows.append(resolve_row(rec))
+            reasons.append("")
+        except (ValueError, KeyError, TypeError) as exc:  # unmodellable row: a reason, never a crash
+            rows.append(None)
+            reasons.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return rows, reasons
+
+
+def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1) -> PerfModel:
+    return PerfModel(r.model, r.gpu, r.weights_dtype, r.kv_dtype, tp=tp,
+                     step_overhead_s=params.overhead(r.backend), params=params, compute_dtype=r.compute_dtype,
+                     attention_dp=attention_dp)
+
+
+def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
+                     params: PerfParams | None = None) -> pd.DataFrame:
+    """Predictions for resolved rows; `params` overrides every row's family parameters (calibration)."""
+    n = len(rows)
+    ttft, tpot, tok = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    reasons = list(reasons)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
+               r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp)
+        groups[key].append(i)
+    for idx in groups.values():
+        r = rows[idx[0]]
+        p = params or load_perf_params(r.gpu.name)
+        sel = [rows[i] for i in idx]
+        isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
+        try:
+            if r.mode == "agg":
+                out = agg_steady(_perf(r, r.tp, p, r.attn_dp), r.backend, isl, osl, conc,
+                                 request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
+                                 slot_wait=p.slot(r.backend),
+                                 reserve_gib=p.memory_reserve_gib)
+            else:
+                pw = np.array([x.prefill_workers for x in sel], float)
+                dw = np.array([x.decode_workers for x in sel], float)
+                gpus = pw * r.prefill_tp + dw * r.decode_tp
+                link = np.where(gpus > NODE_GPUS, SCALE_OUT_GBPS, r.gpu.link_bandwidth_gbps)
+                pm_p, pm_d = _perf(r, r.prefill_tp, p, r.prefill_attn_dp), _perf(r, r.decode_tp, p, r.attn_dp)
+                out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
+                                    request_overhead_s=p.request_overhead(r.backend),
+                                    reserve_gib=p.memory_reserve_gib, kv_link_gbps=link)
+        except (ValueError, ZeroDivisionError) as exc:
+            for i in idx:
+                reasons[i] = f"cannot cost: {exc}"
+            continue
+        ttft[idx], tpot[idx], tok[idx] = out["ttft_s"] * 1e3, out["tpot_s"] * 1e3, out["output_tok_s"]
+        for j, i in enumerate(idx):
+            if not np.isfinite(out["ttft_s"][j]):
+                reasons[i] = "does not fit: the weights alone exceed GPU memory at this TP"
+    return pd.DataFrame({"pred_ttft_ms": ttft, "pred_tpot_ms": tpot, "pred_output_tok_per_s": tok,
+                         "pred_reason": reasons})
+
+
+def predict_frame(df: pd.DataFrame, params: PerfParams | None = None) -> pd.DataFrame:
+    """`df` with the prediction columns appended (replacing any already there)."""
+    rows, reasons = resolve_frame(df)
+    pred = predict_resolved(rows, reasons, params)
+    base = df.drop(columns=[c for c in PRED_COLUMNS if c in df.columns]).reset_index(drop=True)
+    return pd.concat([base, pred], axis=1)

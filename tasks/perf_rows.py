@@ -1,0 +1,189 @@
+"""Resolve measured-run rows (aiconfigurator `silicon_sample.csv` columns) to catalogue entries.
+
+A row names a model by its Hugging Face id, a GPU by a system name (`h100_sxm`, `b200_sxm`, ...), a backend
+and a precision. This module turns those into `ModelArch`, `GpuSpec` and dtypes, or into a reason why the
+row cannot be modelled; it never raises on a bad row.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
+
+# Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
+_SUFFIXES = re.compile(r"(-(instruct|chat|it|base|hf|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|"
+                       r"w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
+# Same architecture under another name: served exactly like the catalogue entry.
+MODEL_ALIASES = {
+    "meta-llama-3.1-8b": "llama-3.1-8b", "llama-3-8b": "llama-3.1-8b", "meta-llama-3-8b": "llama-3.1-8b",
+    "llama-3.3-70b": "llama-3.1-70b", "meta-llama-3.1-70b": "llama-3.1-70b", "llama-3-70b": "llama-3.1-70b",
+    "meta-llama-3-70b": "llama-3.1-70b", "deepseek-r1": "deepseek-v3", "deepseek-v3.1": "deepseek-v3",
+    "deepseek-r1-0528": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3", "meta-llama-3.1-405b": "llama-3.1-405b",
+    "mixtral-8x7b-v0.1": "mixtral-8x7b",
+}
+# System names of aiconfigurator and cloud spellings -> conf/gpu names.
+GPU_ALIASES = {"gb200": "b200", "b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
+               "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20"}
+# precision / gemm_quant_mode spellings -> (weights dtype, compute dtype or None for the default).
+_PRECISIONS = {
+    "": ("bf16", None), "bf16": ("bf16", None), "bfloat16": ("bf16", None), "fp16": ("fp16", None),
+    "float16": ("fp16", None), "auto": ("bf16", None), "none": ("bf16", None),
+    "fp8": ("fp8", None), "fp8_block": ("fp8", None), "fp8_static": ("fp8", None), "fp8_dynamic": ("fp8", None),
+    "w8a8": ("fp8", None), "int8": ("int8", "int8"), "int8_wo": ("int8", "bf16"), "w8a16": ("int8", "bf16"),
+    "int4": ("int4", "bf16"), "int4_wo": ("int4", "bf16"), "awq": ("int4", "bf16"), "gptq": ("int4", "bf16"),
+    "w4a16": ("int4", "bf16"), "w4a16_awq": ("int4", "bf16"), "w4afp8": ("int4", "fp8"),
+    # 4-bit floats: 4-bit weights through the fastest tensor cores we have a peak for (FP8; FP4 peaks are
+    # not in the catalogue), an approximation noted in pred_reason-free rows.
+    "nvfp4": ("int4", "fp8"), "fp4": ("int4", "fp8"), "mxfp4": ("int4", "fp8"),
+}
+BACKENDS = ("vllm", "sglang", "trtllm")
+_BACKEND_ALIASES = {"tensorrt-llm": "trtllm", "tensorrt_llm": "trtllm", "trt-llm": "trtllm", "trt": "trtllm"}
+
+
+def _norm(s: object) -> str:
+    return "" if s is None or (isinstance(s, float) and math.isnan(s)) else str(s).strip().lower()
+
+
+@lru_cache(maxsize=1)
+def _model_index() -> dict[str, str]:
+    """Normalised name -> catalogue name, from every conf/model file's name and HF id."""
+    from tasks.paths import CONF_DIR
+    import yaml
+
+    index: dict[str, str] = {}
+    for f in sorted((CONF_DIR / "model").glob("*.yaml")):
+        data = yaml.safe_load(f.read_text()) or {}
+        index[f.stem.lower()] = f.stem
+        if data.get("hf_id"):
+            index[data["hf_id"].lower()] = f.stem
+            index[_strip(data["hf_id"].split("/")[-1].lower())] = f.stem
+    return index
+
+
+def _strip(name: str) -> str:
+    return _SUFFIXES.sub("", name)
+
+
+@lru_cache(maxsize=256)
+def resolve_model(model_path: str) -> ModelArch:
+    """Catalogue model for an HF id or catalogue name (case-insensitive; -Instruct/-FP8/... stripped)."""
+    key = _norm(model_path)
+    index = _model_index()
+    for cand in (key, key.split("/")[-1], _strip(key.split("/")[-1])):
+        cand = MODEL_ALIASES.get(cand, cand)
+        if cand in index:
+            return load_model(index[cand])
+    raise ValueError(f"model {model_path!r} is not in the catalogue (conf/model)")
+
+
+@lru_cache(maxsize=64)
+def resolve_gpu(system: str) -> GpuSpec:
+    key = _norm(system)
+    key = GPU_ALIASES.get(key, key)
+    for cand in (key, re.sub(r"[_-](sxm\d?|pcie|nvl|\d+gb)$", "", key)):
+        try:
+            return load_gpu(cand)
+        except ConfigFileError:
+            continue
+    raise ValueError(f"system {system!r} is not in the GPU catalogue (conf/gpu)")
+
+
+def resolve_backend(backend: str) -> str:
+    b = _norm(backend)
+    b = _BACKEND_ALIASES.get(b, b)
+    if b not in BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; modelled: {', '.join(BACKENDS)}")
+    return b
+
+
+def resolve_precision(precision: object, gemm_quant_mode: object, model: ModelArch) -> tuple[str, str | None]:
+    """(weights dtype, compute dtype or None) from the row's precision columns; the checkpoint's own dtype
+    when neither says."""
+    for raw in (_norm(gemm_quant_mode), _norm(precision)):
+        if raw and raw not in ("", "none", "auto"):
+            if raw not in _PRECISIONS:
+                raise ValueError(f"precision {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
+            return _PRECISIONS[raw]
+    return model.dtype, None
+
+
+def _int(v: object, default: int = 0) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return default
+    return default if math.isnan(f) else int(round(f))
+
+
+@dataclass(frozen=True)
+class ResolvedRow:
+    """Everything the performance model needs from one row."""
+
+    model: ModelArch
+    gpu: GpuSpec
+    backend: str
+    weights_dtype: str
+    compute_dtype: str | None
+    kv_dtype: str
+    mode: str
+    isl: int
+    osl: int
+    concurrency: int
+    tp: int  # GPUs of one aggregated instance
+    prefill_workers: int = 0
+    prefill_tp: int = 0
+    prefill_batch: int = 0
+    decode_workers: int = 0
+    decode_tp: int = 0
+    attn_dp: int = 1  # attention data-parallel groups within one instance (agg, or the decode pool)
+    prefill_attn_dp: int = 1
+
+
+def _gpus(row: dict, prefix: str) -> int:
+    """GPUs of one instance: tp x attention-DP x pipeline (attention DP replicates attention over ranks)."""
+    tp = max(1, _int(row.get(f"{prefix}tp_size"), 1))
+    dp = max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
+    pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
+    return tp * dp * pp
+
+
+def _dp(row: dict, prefix: str) -> int:
+    return max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
+
+
+def resolve_row(row: dict) -> ResolvedRow:
+    """Raise ValueError with a one-line reason when the row cannot be modelled."""
+    model = resolve_model(row.get("model_path") or row.get("model") or "")
+    gpu = resolve_gpu(row.get("system") or row.get("gpu") or "")
+    backend = resolve_backend(row.get("backend") or "vllm")
+    weights, compute = resolve_precision(row.get("precision"), row.get("gemm_quant_mode"), model)
+    kv_raw = _norm(row.get("kvcache_quant_mode") or row.get("kv_cache_quant_mode") or row.get("kv_cache_dtype"))
+    # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
+    kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
+    kv = "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16"
+    if compute == "fp8" and not gpu.supports_fp8:
+        compute = "bf16"
+    mode = _norm(row.get("mode")) or "agg"
+    isl, osl = _int(row.get("isl")), _int(row.get("osl"))
+    if isl < 1 or osl < 1:
+        raise ValueError("isl and osl must be positive")
+    if mode == "agg":
+        conc = _int(row.get("batch_size") or row.get("concurrency"))
+        if conc < 1:
+            raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
+        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, _gpus(row, ""),
+                           attn_dp=_dp(row, ""))
+    if mode == "disagg":
+        pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
+        ptp, dtp = _gpus(row, "prefill_"), _gpus(row, "decode_")
+        dbs = _int(row.get("decode_batch_size"))
+        conc = _int(row.get("batch_size") or row.get("concurrency")) or dbs * max(dw, 1)
+        if conc < 1 or pw < 1 or dw < 1:
+            raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts")
+        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dtp, pw, ptp,
+                           max(1, _int(row.get("prefill_batch_size"), 1)), dw, dtp, attn_dp=_dp(row, "decode_"),
+                           prefill_attn_dp=_dp(row, "prefill_"))
+    raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

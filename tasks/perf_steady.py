@@ -1,0 +1,188 @@
+"""Closed-form steady state of a closed-loop benchmark (concurrency C, fixed input/output lengths).
+
+Aggregated: one instance runs R = min(C, KV capacity, max-num-seqs) requests; the others queue. Prompts
+reach the engine in groups of `sync * R` (a closed loop starts them together; how far the scheduler keeps
+them together is a per-backend parameter). A group's prompts are prefilled in chunks of
+max-num-batched-tokens; a mixed scheduler (vLLM, TensorRT-LLM) carries every running decode in those
+chunks, SGLang's prefill-first scheduler stalls decodes while it prefills. Over one request lifetime the
+engine runs every group's chunks once and O-1 decode steps; TTFT and TPOT follow by accounting time.
+
+Disaggregated: a prefill pool (M/D/1 queue per worker), KV transfer over the link, a decode pool whose
+per-worker batch is the closed loop's population in decode; solved for that population by bisection.
+
+Every function works element-wise on numpy arrays of rows that share one PerfModel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.catalog import GIB
+from tasks.perf_model import PerfModel, StepCost, causal_context
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """What a backend's scheduler does by default (documented engine defaults, not fitted)."""
+
+    mixed: bool  # decodes ride along prefill chunks
+    chunk_tokens: int  # max-num-batched-tokens / chunked-prefill-size
+    max_seqs: int
+    mem_frac: float  # gpu-memory-utilization / mem-fraction-static / free-memory fraction
+    frac_of_free: bool  # TensorRT-LLM takes its fraction of the memory left after weights
+    reserve_full_context: bool  # admission reserves the whole output (SGLang, TRT-LLM); vLLM grows
+
+
+SCHEDULERS = {
+    "vllm": Scheduler(True, 8192, 1024, 0.90, False, False),
+    "sglang": Scheduler(False, 8192, 1024, 0.88, False, True),
+    "trtllm": Scheduler(True, 8192, 2048, 0.90, True, True),
+}
+PARTS = ("compute", "memory", "comm", "overhead", "queue")
+
+
+def _parts(cost: StepCost) -> dict[str, np.ndarray]:
+    """A step's seconds split into the binding resource (compute or memory), communication and overhead."""
+    c, m = np.asarray(cost.compute_s, float), np.asarray(cost.memory_s, float)
+    bound = np.asarray(cost.seconds, float) - cost.comm_s - cost.overhead_s
+    return {"compute": np.where(c >= m, bound, 0.0), "memory": np.where(c < m, bound, 0.0),
+            "comm": np.asarray(cost.comm_s, float) + 0 * bound, "overhead": cost.overhead_s + 0 * bound}
+
+
+def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """sum of weight * parts over (weight, parts) terms."""
+    out = {k: 0.0 for k in PARTS}
+    for w, parts in terms:
+        for k, v in parts.items():
+            out[k] = out[k] + w * v
+    return out
+
+
+def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
+    s = SCHEDULERS[backend]
+    weights = pm.model.weight_bytes(pm.weights_dtype) / pm.tp
+    mem = pm.gpu.memory_bytes
+    free = (s.mem_frac * (mem - weights - reserve_gib * GIB) if s.frac_of_free
+            else s.mem_frac * mem - weights - reserve_gib * GIB)
+    return max(0.0, free) / pm.kv_bytes_per_token
+
+
+def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
+               sync: float = 0.1, slot_wait: float = 0.0, reserve_gib: float = 4.0,
+               max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+               kv_tokens: float | None = None) -> dict[str, np.ndarray]:
+    """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
+
+    Rows whose weights do not fit the GPUs come back as NaN; a KV cache estimated below one request is
+    taken as one request (the deployment was measured, so it ran).
+    """
+    s = SCHEDULERS[backend]
+    I, O, C = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
+    B = float(max_batched_tokens or s.chunk_tokens)
+    kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
+    # Weights that do not fit at all cannot run; a KV estimate below one request is our reserve guess
+    # being too large for a deployment that exists, so it runs one request at a time.
+    fits = (pm.model.weight_bytes(pm.weights_dtype) / pm.tp < pm.gpu.memory_bytes) & (I + O > 0)
+    kv = np.maximum(kv, I + O)
+    need = I + O if s.reserve_full_context else I + O / 2
+    # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
+    R = np.maximum(np.minimum(np.minimum(C, max_num_seqs or s.max_seqs), kv / need), 1.0)
+    ctx = I + O / 2
+    dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
+    group = np.clip(sync * R, 1.0, R)
+    P = group * I  # prompt tokens arriving together
+    chunk = np.minimum(B, P)
+    n_chunks = np.maximum(P / B, 1.0)
+    riders = (R - group) if s.mixed else 0.0
+    pf = pm.step(prefill_tokens=chunk, prefill_attn_context=chunk / I * causal_context(0, I),
+                 decode_seqs=riders, decode_context_tokens=riders * ctx)
+    t0, tc = np.asarray(dec.seconds, float), np.asarray(pf.seconds, float)
+    p0, pc = _parts(dec), _parts(pf)
+    own = (n_chunks + 1) / 2  # chunks until a group member's prompt is done, on average
+    chunk_steps = R / group * n_chunks  # prefill steps per request lifetime
+    dsteps = np.maximum(O - 1, 1.0)
+    if s.mixed:
+        lifetime_steps = (O - 1) + own
+        backlog = np.maximum(0.0, chunk_steps - lifetime_steps)  # prefill-bound: prompts wait for budget
+        decode_only = np.maximum(0.0, lifetime_steps - chunk_steps)
+        cycle = chunk_steps * tc + decode_only * t0
+        t_avg = cycle / np.maximum(lifetime_steps, chunk_steps)
+        # A decode step of this request is a prefill step of another group or a decode-only step.
+        tpot_terms = ((chunk_steps - np.minimum(own, chunk_steps)) / dsteps, pc), (decode_only / dsteps, p0)
+        wait_s = 0.5 * t_avg + backlog * tc
+    else:
+        cycle = chunk_steps * tc + (O - 1) * t0
+        t_avg = cycle / (chunk_steps + O - 1)
+        tpot_terms = ((chunk_steps - own) / dsteps, pc), (1.0, p0)
+        wait_s = 0.5 * t_avg * (group < R)  # a full wave arrives at an idle engine
+    tpot_parts = _mix(*tpot_terms)
+    tpot = sum(tpot_parts[k] for k in PARTS)
+    ttft_parts = _mix((own, pc))
+    ttft_parts["overhead"] = ttft_parts["overhead"] + request_overhead_s
+    service_ttft = sum(ttft_parts[k] for k in PARTS) + wait_s
+    lifetime = service_ttft + (O - 1) * tpot
+    # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot; a
+    # runtime that frees a finished request's slot late makes each new one wait `slot_wait` completion gaps.
+    queue = wait_s + (C / R - 1) * lifetime + slot_wait * lifetime / R
+    ttft_parts["queue"] = queue + 0 * tpot
+    ttft = sum(ttft_parts[k] for k in PARTS)
+    tok_s = C * O / (ttft + (O - 1) * tpot)
+    nan = np.where(fits, 1.0, np.nan)
+    return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan, "running": R * nan,
+            "kv_tokens": kv + 0 * R, **{f"ttft_{k}_s": ttft_parts[k] * nan for k in PARTS},
+            **{f"tpot_{k}_s": (tpot_parts[k] + 0 * R) * nan for k in PARTS}}
+
+
+def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc, prefill_workers,
+                  decode_workers, *, request_overhead_s: float = 0.0, reserve_gib: float = 4.0,
+                  kv_link_gbps: float | None = None) -> dict[str, np.ndarray]:
+    """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc`."""
+    I, O, C, Wp, Wd = (np.asarray(x, dtype=float) for x in (isl, osl, conc, prefill_workers, decode_workers))
+    ctx = I + O / 2
+    prefill = pm_p.step(prefill_tokens=I, prefill_attn_context=causal_context(0, I))
+    tau = np.asarray(prefill.seconds, float)
+    if kv_link_gbps is None:
+        transfer = pm_p.kv_transfer_s(I)
+    else:
+        link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
+        transfer = pm_p.kv_transfer_s(0) + I * pm_p.kv_bytes_per_token / link
+    kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
+    cap = Wd * np.minimum(SCHEDULERS[backend].max_seqs, np.maximum(kv_d / (I + O), 1.0))
+    fits = (max(pm.model.weight_bytes(pm.weights_dtype) / pm.tp for pm in (pm_p, pm_d))
+            < pm_p.gpu.memory_bytes) & (I > 0)
+
+    def tpot_at(n_d):
+        per = np.maximum(n_d / Wd, 1e-9)
+        return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
+
+    def ttft_at(x):
+        rho = np.minimum(x * tau / Wp, 0.999)
+        return request_overhead_s + tau * (1 + rho / (2 * (1 - rho))) + transfer + tpot_at(0 * x + 1), rho
+
+    lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
+    for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
+        mid = (lo + hi) / 2
+        x = mid / (np.maximum(O - 1, 1.0) * tpot_at(mid))
+        t, rho = ttft_at(x)
+        over = (mid + x * t > C) | (rho >= 0.999)
+        hi, lo = np.where(over, mid, hi), np.where(over, lo, mid)
+    n_d = np.maximum(lo, 1e-6)
+    tpot = tpot_at(n_d)
+    x = n_d / (np.maximum(O - 1, 1.0) * tpot)
+    service, _ = ttft_at(x)
+    ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
+    tok_s = C * O / (ttft + (O - 1) * tpot)
+    nan = np.where(fits, 1.0, np.nan)
+    per = n_d / Wd
+    decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)
+    first = pm_d.step(decode_seqs=1, decode_context_tokens=ctx)  # the decode instance's first step
+    ttft_parts = _mix((1.0, _parts(prefill)), (1.0, _parts(first)))
+    ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer
+    ttft_parts["overhead"] = ttft_parts["overhead"] + request_overhead_s
+    ttft_parts["queue"] = ttft - sum(ttft_parts[k] for k in PARTS)
+    tpot_parts = _mix((1.0, _parts(decode)))
+    return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan,
+            "decode_batch": per * nan, "transfer_s": transfer + 0 * ttft,
+            **{f"ttft_{k}_s": (ttft_parts[k] + 0 * ttft) * nan for k in PARTS},
+            **{f"tpot_{k}_s": (tpot_parts[k] + 0 * ttft) * nan for k in PARTS}}
