@@ -211,6 +211,16 @@ def _plt():
 
     return plt
 
+def _save(plt, fig, out_path: Path) -> Path:
+    """Write a finished figure as PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
 
 def plot_ttft_cdf(series: dict[str, np.ndarray], out_path: Path, bound_ms: float | None = None) -> Path:
     """Empirical CDF of TTFT (ms), one curve per label (e.g. per QPS level)."""
@@ -226,12 +236,7 @@ def plot_ttft_cdf(series: dict[str, np.ndarray], out_path: Path, bound_ms: float
     ax.set_ylabel("share of requests")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path)
 
 
 def plot_latency_hist(records: list[RequestRecord], out_path: Path) -> Path:
@@ -244,9 +249,4 @@ def plot_latency_hist(records: list[RequestRecord], out_path: Path) -> Path:
             ax.hist(samples[metric], bins=40)
         ax.set_title(f"{metric.upper()} (ms)")
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path)
