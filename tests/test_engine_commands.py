@@ -392,7 +392,10 @@ def test_real_engine_on_a_host_that_cannot_run_it_is_a_config_error(monkeypatch)
     # `dolphin run engine=vllm ...` with no gpu= on this host means its CPU; an explicit choice is kept.
     from flows.cli import host_gpu_default
 
-    assert host_gpu_default(["engine=vllm", "model=tiny-llama"])[-1] == "gpu=cpu"
+    assert host_gpu_default(["engine=vllm", "model=tiny-llama"]) == ["experiment=cpu_smoke", "engine=vllm",
+                                                                     "model=tiny-llama"]
+    assert host_gpu_default(["-m", "engine=vllm", "deploy=agg,pd", "--cfg", "job"]) == [
+        "-m", "experiment=cpu_smoke", "engine=vllm", "deploy=agg,pd", "--cfg", "job"]
     assert host_gpu_default(["engine=vllm", "gpu=h100"]) == ["engine=vllm", "gpu=h100"]
     assert host_gpu_default(["experiment=cpu_smoke"]) == ["experiment=cpu_smoke"]
     assert host_gpu_default(["model=tiny-llama"]) == ["model=tiny-llama"]  # the sim engine needs no GPU

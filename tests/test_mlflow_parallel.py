@@ -3,19 +3,14 @@ runs -- parallel processes tracking runs directly, and a Hydra joblib multirun o
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.config import TrackingConfig
 from tasks.track import end_parent_run, start_parent_run, track_run
-from tests.conftest import BIN, base_env, free_port, run_dolphin
+from tests.conftest import BIN, base_env, free_port, healthy_server, run_dolphin
 
 pytestmark = pytest.mark.integration
 
@@ -27,32 +22,12 @@ def mlflow_server(tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     env = base_env(home) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner children
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
-         "--artifacts-destination", str(home / "mlruns"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db",
+            "--artifacts-destination", str(home / "mlruns"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with healthy_server(argv, env, home / "server.log", f"{url}/health"):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _log_one(args: tuple[str, str, int, str]) -> str:

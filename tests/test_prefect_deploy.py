@@ -3,8 +3,6 @@ deployment, start a process worker, trigger a run, and find its measurement in t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 import uuid
@@ -13,24 +11,14 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, base_env, engine_processes, run_dolphin
+from tests.conftest import BIN, FAST, base_env, engine_processes, run_dolphin, stop_group
 from tasks.paths import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-# One quick, feasible config on the sim engine.
-OVERRIDES = ["gpu=h100", "bench=quick", "engine.time_scale=20", "bench.max_levels=3",
-             "bench.requests_per_level=20", "schedule=nightly"]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+# One quick, feasible config on the sim engine. Enough levels that the search reaches a QPS well inside
+# the SLO: with 3 the last one held E2EL within 5% of its bound, and a loaded CI host pushed it over.
+OVERRIDES = ["gpu=h100", *FAST, "bench.max_levels=5", "bench.requests_per_level=20", "schedule=nightly"]
 
 
 def test_deploy_on_a_schedule_and_a_triggered_run_lands_in_mlflow(tmp_path, prefect_api):
@@ -64,7 +52,7 @@ def test_deploy_on_a_schedule_and_a_triggered_run_lands_in_mlflow(tmp_path, pref
             time.sleep(1)
         assert state == "COMPLETED", f"{state}\n" + (tmp_path / "worker.log").read_text()[-4000:]
     finally:
-        stop(worker)
+        stop_group(worker)
         log.close()
 
     client = MlflowClient(f"sqlite:///{tmp_path}/artifacts/mlflow.db")

@@ -68,10 +68,10 @@ SWEEP = ["-m", "experiment=cpu_smoke", "deploy=agg,pd", "memory.kv_cache_gib=0.0
 
 
 @pytest.fixture(scope="module")
-def agg_pd_sweep(tmp_path_factory):
+def agg_pd_sweep(tmp_path_factory, prefect_api):
     """One multirun over deploy=agg,pd (as a user compares modes): home, result, {mode: (run, plan dir)}."""
     home = tmp_path_factory.mktemp("agg-pd")
-    res = run_dolphin(["run", *SWEEP], home, timeout=900)
+    res = run_dolphin(["run", *SWEEP], home, api_url=prefect_api, timeout=900)
     try:
         assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-4000:]
         runs = {r.data.tags["deploy"]: r for r in all_runs(home) if "deploy" in r.data.tags}
@@ -158,8 +158,8 @@ def test_prefill_decode_pair_behind_vllm_router_transfers_kv(agg_pd_sweep):
     assert "NixlConnector" in decode_log
 
 
-def test_ngram_speculative_run_logs_the_acceptance_rate(tmp_path):
-    res = run_dolphin(["run", *SHORT, "deploy=spec"], tmp_path, timeout=600)
+def test_ngram_speculative_run_logs_the_acceptance_rate(tmp_path, prefect_api):
+    res = run_dolphin(["run", *SHORT, "deploy=spec"], tmp_path, api_url=prefect_api, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     run, _ = run_record(tmp_path)
     m = run.data.metrics
@@ -174,8 +174,9 @@ def test_ngram_speculative_run_logs_the_acceptance_rate(tmp_path):
     assert '"method":"ngram"' in commands
 
 
-def test_ctrl_c_during_the_benchmark_stops_vllm(tmp_path):
-    proc = subprocess.Popen([DOLPHIN, "run", *SHORT], env=base_env(tmp_path), cwd=REPO_ROOT,
+def test_ctrl_c_during_the_benchmark_stops_vllm(tmp_path, prefect_api):
+    env = base_env(tmp_path) | {"PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen([DOLPHIN, "run", *SHORT], env=env, cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
