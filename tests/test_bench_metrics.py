@@ -2,6 +2,7 @@
 timing against a real streaming server on 127.0.0.1."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from dataclasses import asdict
@@ -9,6 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 from tests.bench_servers import bench_server, fetch
+from tests.conftest import free_port
 
 from tasks.bench.client import RequestRecord, request_chat, request_completions
 from tasks.bench.load import gamma_arrivals, poisson_arrivals
@@ -282,3 +284,22 @@ def test_output_tokens_fall_back_to_chunk_count_without_usage(server):
     recs = fetch(request_completions, server, "nousage", [long])
     _assert_timing(recs)
     assert recs[0].prompt_tokens == 99  # no usage: the dataset's count
+
+
+def test_preconnected_connections_carry_the_requests_and_a_dead_port_costs_nothing(server):
+    from tasks.bench.http import LeanSession
+
+    async def go() -> tuple[int, int, int, list]:
+        async with LeanSession() as session:
+            opened = await session.preconnect(server, 3)
+            pooled = {id(w) for w in session.open}
+            # Three at once: each takes one of the pre-opened connections, none is opened in the level.
+            recs = await asyncio.gather(*(request_completions(session, server, "stream", REQ, 5.0) for _ in range(3)))
+            new = len({id(w) for w in session.open} - pooled)
+        async with LeanSession() as dead:
+            refused = await dead.preconnect(f"http://127.0.0.1:{free_port()}", 2)
+        return opened, new, refused, recs
+
+    opened, new_after, refused, recs = asyncio.run(go())
+    assert opened == 3 and new_after == 0 and refused == 0
+    _assert_timing(recs)

@@ -270,5 +270,13 @@ def new_session(kind: str | None = None) -> LeanSession | aiohttp.ClientSession:
     return LeanSession()
 
 
+async def preconnect(session: LeanSession | aiohttp.ClientSession, base_url: str, n: int) -> int:
+    """Open up to n keep-alive connections to base_url ahead of the sends (lean sessions only); a
+    connection that fails is left to the requests to report. Returns how many opened."""
+    if not isinstance(session, LeanSession) or n < 1:
+        return 0
+    return await session.preconnect(base_url, n)
+
+
 def error_class(record: RequestRecord) -> str | None:
     return record.error.split(":", 1)[0] if record.error else None

@@ -55,6 +55,22 @@ class LeanSession:
         self.open.add(writer)
         return (reader, writer), False
 
+    async def preconnect(self, url: str, n: int, timeout_s: float = 2.0) -> int:
+        """Put up to n fresh connections to url's host in the idle pool; failures are ignored (the
+        requests will meet and report them). Returns how many opened."""
+        u = urlsplit(url)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+
+        attempts = [asyncio.ensure_future(asyncio.open_connection(host, port, limit=1 << 20)) for _ in range(n)]
+        done, slow = await asyncio.wait(attempts, timeout=timeout_s)
+        for t in slow:
+            t.cancel()
+        opened = [t.result() for t in done if t.exception() is None]
+        for _, writer in opened:
+            self.open.add(writer)
+        self.idle.setdefault((host, port), []).extend(opened)
+        return len(opened)
+
     def _drop(self, writer: asyncio.StreamWriter) -> None:
         self.open.discard(writer)
         writer.close()
