@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 
 class ServerDisconnected(ConnectionError):
@@ -22,6 +22,10 @@ class BodyTruncated(ConnectionError):
 
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def _host_port(u: SplitResult) -> tuple[str, int]:
+    return u.hostname or "127.0.0.1", u.port or 80
 
 
 class LeanSession:
@@ -51,23 +55,22 @@ class LeanSession:
             if not writer.is_closing() and not reader.at_eof():
                 return (reader, writer), True
             self._drop(writer)
+        return await self._open(host, port), False
+
+    async def _open(self, host: str, port: int) -> Conn:
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
         self.open.add(writer)
-        return (reader, writer), False
+        return reader, writer
 
     async def preconnect(self, url: str, n: int, timeout_s: float = 2.0) -> int:
         """Put up to n fresh connections to url's host in the idle pool; failures are ignored (the
         requests will meet and report them). Returns how many opened."""
-        u = urlsplit(url)
-        host, port = u.hostname or "127.0.0.1", u.port or 80
-
-        attempts = [asyncio.ensure_future(asyncio.open_connection(host, port, limit=1 << 20)) for _ in range(n)]
+        host, port = _host_port(urlsplit(url))
+        attempts = [asyncio.ensure_future(self._open(host, port)) for _ in range(n)]
         done, slow = await asyncio.wait(attempts, timeout=timeout_s)
         for t in slow:
             t.cancel()
         opened = [t.result() for t in done if t.exception() is None]
-        for _, writer in opened:
-            self.open.add(writer)
         self.idle.setdefault((host, port), []).extend(opened)
         return len(opened)
 
@@ -82,7 +85,7 @@ class LeanSession:
         dropped). Returns (status, None) after a 200, else (status, its body). Raises
         ServerDisconnected, BodyTruncated or OSError."""
         u = urlsplit(url)
-        host, port = u.hostname or "127.0.0.1", u.port or 80
+        host, port = _host_port(u)
         head = (f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
                 f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         for attempt in (0, 1):
