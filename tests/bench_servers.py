@@ -11,6 +11,8 @@ The behaviour is chosen per request by the model name:
   zero      no delay: every chunk, the usage and [DONE] in one write (the client-capacity endpoint)
   split     as zero, in 7-byte HTTP chunks (SSE lines cut anywhere)
   short     as stream, but one token fewer than max_tokens, and usage says so (an early EOS)
+  heldback  as stream, but the first token's text is empty (a byte-level tokenizer holding back part of
+            a UTF-8 character, as vLLM streams it) and the usage chunk comes 0.3 s after the last token
 GET /stats: {"requests", "in_flight", "max_in_flight"} since the start or the last POST /stats/reset.
 `bench_server()` starts it on a free port of 127.0.0.1 and stops it by PID.
 """
@@ -85,13 +87,15 @@ def make_app(ttft: float, itl: float, service: float) -> web.Application:
                 for i in range(2 if mode in ("truncate", "abort") else n):
                     if i:
                         await asyncio.sleep(itl)
-                    await resp.write(_chunk(chat, f" t{i}"))
+                    await resp.write(_chunk(chat, "" if mode == "heldback" and not i else f" t{i}"))
                 if mode == "abort":
                     request.transport.close()
                     return resp
                 if mode == "truncate":
                     await resp.write_eof()
                     return resp
+            if mode == "heldback":
+                await asyncio.sleep(0.3)  # not part of the request's latency: no token comes with it
             if mode != "nousage":
                 await resp.write(_chunk(chat, usage=usage))
             await resp.write(b"data: [DONE]\n\n")

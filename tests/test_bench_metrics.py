@@ -279,6 +279,12 @@ def test_chat_role_chunk_is_not_the_first_token(server):
     _assert_timing(fetch(request_chat, server, "stream", [REQ] * 3))
 
 
+def test_a_token_chunk_with_held_back_text_is_the_first_token_and_usage_does_not_end_the_request(server):
+    # As `vllm bench serve` counts: TTFT at the first chunk with choices, E2EL at the last token chunk.
+    recs = fetch(request_completions, server, "heldback", [REQ] * 2)
+    _assert_timing(recs)
+
+
 def test_output_tokens_fall_back_to_chunk_count_without_usage(server):
     long = BenchRequest(prompt="ba be", prompt_tokens=99, max_tokens=N_TOKENS)
     recs = fetch(request_completions, server, "nousage", [long])

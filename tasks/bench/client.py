@@ -65,28 +65,31 @@ def load_records(path: str | Path) -> list[RequestRecord]:
         return [RequestRecord.from_dict(json.loads(line)) for line in f if line.strip()]
 
 
-def _completion_text(msg: dict) -> str | None:
-    choices = msg.get("choices")
-    return choices[0].get("text") if choices else None
+# Which chunks carry a token, as `vllm bench serve` counts them. A completions chunk with choices does,
+# even with empty text: vLLM streams one per new token id, and a byte-level tokenizer holds back the text
+# of a partial UTF-8 character (waiting for text would move TTFT a token or two late).
+def _completion_token(msg: dict) -> bool:
+    return bool(msg.get("choices"))
 
 
-def _chat_text(msg: dict) -> str | None:
+def _chat_token(msg: dict) -> bool:
+    """A chat chunk with content, or any delta but the role-only opener (`{"role": "assistant",
+    "content": ""}`), which some servers send before the first token."""
     choices = msg.get("choices")
     if not choices:
-        return None
+        return False
     delta = choices[0].get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content")
+    return bool(delta.get("content") or delta.get("reasoning_content") or "role" not in delta)
 
 
 class _Stream:
     """State of one SSE response: token timestamps, usage, [DONE]."""
 
-    def __init__(self, start: float, text_of: Callable[[dict], str | None]):
+    def __init__(self, start: float, is_token: Callable[[dict], bool]):
         self.start = start
-        self.text_of = text_of
+        self.is_token = is_token
         self.ttft: float | None = None
-        self.last_token = 0.0
-        self.last_data = start
+        self.last_token = start  # the request's end, as vLLM's: its last token chunk, not the usage chunk
         self.itl: list[float] = []
         self.chunks = 0
         self.usage: dict | None = None
@@ -109,7 +112,6 @@ class _Stream:
         if body == b"[DONE]":
             self.done = True
             return
-        self.last_data = t
         # Fast path: after the first token a chunk is a token unless it carries usage or an error.
         # A false match (a token whose text is literally "error") only costs one json.loads.
         if self.ttft is not None and b'"completion_tokens"' not in body and b'"error"' not in body:
@@ -120,7 +122,7 @@ class _Stream:
             err = msg.get("error") or msg
             self.error = f"server: {err.get('message', err) if isinstance(err, dict) else err}"
             return
-        if self.text_of(msg) or (self.ttft is not None and msg.get("choices")):
+        if self.is_token(msg) or (self.ttft is not None and msg.get("choices")):
             self._token(t)
         if msg.get("usage"):
             self.usage = msg["usage"]
@@ -178,7 +180,7 @@ async def _stream_request(
     session: LeanSession | aiohttp.ClientSession,
     url: str,
     payload: dict,
-    text_of: Callable[[dict], str | None],
+    is_token: Callable[[dict], bool],
     req: BenchRequest,
     timeout_s: float,
     level: int,
@@ -188,7 +190,7 @@ async def _stream_request(
 ) -> RequestRecord:
     start = time.perf_counter() if start is None else start
     sent = time.perf_counter()
-    st = _Stream(start, text_of)
+    st = _Stream(start, is_token)
     try:
         if isinstance(session, LeanSession):
             async with asyncio.timeout(timeout_s):
@@ -221,7 +223,7 @@ async def _stream_request(
         requested_tokens=req.max_tokens,
         usage_reported="completion_tokens" in usage,
         ttft_s=st.ttft,
-        e2el_s=(st.last_data if ok else time.perf_counter()) - start,
+        e2el_s=(st.last_token if ok else time.perf_counter()) - start,
         itl_s=st.itl,
         ok=ok,
         error=st.error,
@@ -239,7 +241,7 @@ async def request_completions(
     """POST /v1/completions. `start`: the perf_counter time latencies count from (default: now)."""
     payload = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "ignore_eos": ignore_eos,
                **_COMMON}
-    return await _stream_request(session, base_url.rstrip("/") + "/v1/completions", payload, _completion_text,
+    return await _stream_request(session, base_url.rstrip("/") + "/v1/completions", payload, _completion_token,
                                  req, timeout_s, level, request_id, scheduled_s, start)
 
 
@@ -251,7 +253,7 @@ async def request_chat(
     """POST /v1/chat/completions with the prompt as one user message."""
     payload = {"model": model, "messages": [{"role": "user", "content": req.prompt}],
                "max_tokens": req.max_tokens, "ignore_eos": ignore_eos, **_COMMON}
-    return await _stream_request(session, base_url.rstrip("/") + "/v1/chat/completions", payload, _chat_text,
+    return await _stream_request(session, base_url.rstrip("/") + "/v1/chat/completions", payload, _chat_token,
                                  req, timeout_s, level, request_id, scheduled_s, start)
 
 
