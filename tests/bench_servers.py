@@ -5,6 +5,7 @@ The behaviour is chosen per request by the model name:
   nousage   as stream, without the usage chunk
   error500  HTTP 500
   truncate  two chunks, then a clean end of the body without [DONE]
+  nodone    as stream, the last token naming finish_reason "length", but no [DONE] (some servers omit it)
   abort     two chunks, then the connection is cut mid-body
   hang      headers, then nothing
   queue     one request at a time: hold a lock for --service seconds, then stream everything at once
@@ -30,14 +31,17 @@ from typing import Iterator
 from aiohttp import web
 
 
-def _chunk(chat: bool, text: str | None = None, usage: dict | None = None, role: bool = False) -> bytes:
+def _chunk(chat: bool, text: str | None = None, usage: dict | None = None, role: bool = False,
+           finish: str | None = None) -> bytes:
     if usage is not None:
         body = {"id": "x", "choices": [], "usage": usage}
     elif chat:
         delta = {"role": "assistant", "content": ""} if role else {"content": text}
-        body = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}], "usage": None}
+        body = {"id": "x", "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": None}
     else:
-        body = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": text}], "usage": None}
+        body = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+                "usage": None}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -87,7 +91,8 @@ def make_app(ttft: float, itl: float, service: float) -> web.Application:
                 for i in range(2 if mode in ("truncate", "abort") else n):
                     if i:
                         await asyncio.sleep(itl)
-                    await resp.write(_chunk(chat, "" if mode == "heldback" and not i else f" t{i}"))
+                    finish = "length" if mode == "nodone" and i == n - 1 else None
+                    await resp.write(_chunk(chat, "" if mode == "heldback" and not i else f" t{i}", finish=finish))
                 if mode == "abort":
                     request.transport.close()
                     return resp
@@ -98,7 +103,8 @@ def make_app(ttft: float, itl: float, service: float) -> web.Application:
                 await asyncio.sleep(0.3)  # not part of the request's latency: no token comes with it
             if mode != "nousage":
                 await resp.write(_chunk(chat, usage=usage))
-            await resp.write(b"data: [DONE]\n\n")
+            if mode != "nodone":
+                await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:  # the client went away (a request cancelled in flight)
             pass

@@ -285,6 +285,13 @@ def test_a_token_chunk_with_held_back_text_is_the_first_token_and_usage_does_not
     _assert_timing(recs)
 
 
+def test_a_stream_without_done_completes_when_its_last_token_names_a_finish_reason(server):
+    _assert_timing(fetch(request_completions, server, "nodone", [REQ] * 2))
+    _assert_timing(fetch(request_chat, server, "nodone", [REQ]))
+    cut = fetch(request_completions, server, "truncate", [REQ])[0]  # no finish_reason: cut short
+    assert not cut.ok and cut.error.startswith("truncated") and cut.output_tokens == 2
+
+
 def test_output_tokens_fall_back_to_chunk_count_without_usage(server):
     long = BenchRequest(prompt="ba be", prompt_tokens=99, max_tokens=N_TOKENS)
     recs = fetch(request_completions, server, "nousage", [long])

@@ -94,6 +94,7 @@ class _Stream:
         self.chunks = 0
         self.usage: dict | None = None
         self.done = False
+        self.last_body = b""  # the last token chunk, checked for a finish_reason if [DONE] never comes
         self.error: str | None = None
         self.got_headers = False
 
@@ -116,6 +117,7 @@ class _Stream:
         # A false match (a token whose text is literally "error") only costs one json.loads.
         if self.ttft is not None and b'"completion_tokens"' not in body and b'"error"' not in body:
             self._token(t)
+            self.last_body = body
             return
         msg = json.loads(body)
         if msg.get("error") or msg.get("object") == "error":  # {"error": {...}} or vLLM's older ErrorResponse
@@ -124,6 +126,7 @@ class _Stream:
             return
         if self.is_token(msg) or (self.ttft is not None and msg.get("choices")):
             self._token(t)
+            self.last_body = body
         if msg.get("usage"):
             self.usage = msg["usage"]
 
@@ -207,8 +210,9 @@ async def _stream_request(
         st.error = f"server: unparseable chunk: {type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a request never takes the whole level down
         st.error = f"client: {type(exc).__name__}: {exc}"
-    if st.error is None and not st.done:
-        st.error = "truncated: stream ended without [DONE]"
+    if st.error is None and not st.done and not _finished(st.last_body):
+        # Some servers omit [DONE]; a stream whose last token chunk names a finish_reason still completed.
+        st.error = "truncated: stream ended without [DONE] or a finish_reason"
     if st.error is None and st.ttft is None:
         st.error = "empty: no tokens streamed"
     usage = st.usage or {}
@@ -228,6 +232,14 @@ async def _stream_request(
         ok=ok,
         error=st.error,
     )
+
+
+def _finished(body: bytes) -> bool:
+    """Does this chunk name a finish_reason ("length", "stop", ...), not null?"""
+    if b'"finish_reason"' not in body:
+        return False
+    choices = json.loads(body).get("choices") or [{}]
+    return bool(choices[0].get("finish_reason"))
 
 
 _COMMON = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
