@@ -31,6 +31,8 @@ SPEC: list[tuple[str, float, float, float]] = [
     *[(f"step_overhead_s.{b}", 0.003, 0.0, 0.03) for b in BACKENDS],
     *[(f"request_overhead_s.{b}", 0.05, 0.0, 0.5) for b in BACKENDS],
     *[(f"sync_frac.{b}", 0.9 if b == "sglang" else 0.1, 0.0, 1.0) for b in BACKENDS],
+    *[(f"sync_conc_exp.{b}", 1.0, 0.0, 1.0) for b in BACKENDS],
+    *[(f"sync_isl_exp.{b}", 0.0, 0.0, 1.0) for b in BACKENDS],
     ("slot_wait.trtllm", 0.1, 0.0, 2.0),  # a TensorRT-LLM trait; the others free slots at once
 ]
 # Not identifiable from one model per backend (layers and backend are confounded in the data), so a

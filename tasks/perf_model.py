@@ -64,6 +64,11 @@ class PerfParams:
     # benchmark starts them together, and a scheduler that finishes them together keeps them so (1.0); one
     # that staggers completions spreads them out (towards 1/concurrency).
     sync_frac: dict | None = None
+    # How that group grows with the running batch R and the prompt length: sync * R^conc_exp *
+    # (isl / 1024)^isl_exp requests (exponents 1 and 0: a fixed share of R). Completions that land during a
+    # long prefill step all join the next one, so longer prompts and larger batches cluster more.
+    sync_conc_exp: dict | None = None
+    sync_isl_exp: dict | None = None
     # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM's measured
     # TTFT grows with output length at low concurrency: a slot is freed a request late).
     slot_wait: dict | None = None
@@ -73,6 +78,9 @@ class PerfParams:
 
     def sync(self, backend: str) -> float:
         return (self.sync_frac or {}).get(backend, 0.1)
+
+    def sync_exps(self, backend: str) -> tuple[float, float]:
+        return (self.sync_conc_exp or {}).get(backend, 1.0), (self.sync_isl_exp or {}).get(backend, 0.0)
 
     def overhead(self, backend: str, default: float = 0.002) -> float:
         return (self.step_overhead_s or {}).get(backend, default)

@@ -61,6 +61,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
             if r.mode == "agg":
                 out = agg_steady(_perf(r, r.tp, p, r.attn_dp), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
+                                 sync_exps=p.sync_exps(r.backend),
                                  slot_wait=p.slot(r.backend),
                                  reserve_gib=p.memory_reserve_gib)
             else:

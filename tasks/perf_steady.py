@@ -1,8 +1,9 @@
 """Closed-form steady state of a closed-loop benchmark (concurrency C, fixed input/output lengths).
 
 Aggregated: one instance runs R = min(C, KV capacity, max-num-seqs) requests; the others queue. Prompts
-reach the engine in groups of `sync * R` (a closed loop starts them together; how far the scheduler keeps
-them together is a per-backend parameter). A group's prompts are prefilled in chunks of
+reach the engine in groups of `sync * R^a * (isl/1024)^b` (a closed loop starts them together; how far the
+scheduler keeps them together, and how much more a long prefill step or a large batch gathers, are
+per-backend parameters: SGLang's waves fit a = 1, b = 0; vLLM's staggered arrivals a ~ 0.65, b ~ 0.5). A group's prompts are prefilled in chunks of
 max-num-batched-tokens; a mixed scheduler (vLLM, TensorRT-LLM) carries every running decode in those
 chunks, SGLang's prefill-first scheduler stalls decodes while it prefills. Over one request lifetime the
 engine runs every group's chunks once and O-1 decode steps; TTFT and TPOT follow by accounting time.
@@ -40,6 +41,7 @@ SCHEDULERS = {
     "trtllm": Scheduler(True, 8192, 2048, 0.90, True, True),
 }
 PARTS = ("compute", "memory", "comm", "overhead", "queue")
+SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -69,7 +71,8 @@ def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float
 
 
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
-               sync: float = 0.1, slot_wait: float = 0.0, reserve_gib: float = 4.0,
+               sync: float = 0.1, sync_exps: tuple[float, float] = (1.0, 0.0), slot_wait: float = 0.0,
+               reserve_gib: float = 4.0,
                max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
@@ -90,7 +93,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     R = np.maximum(np.minimum(np.minimum(C, max_num_seqs or s.max_seqs), kv / need), 1.0)
     ctx = I + O / 2
     dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
-    group = np.clip(sync * R, 1.0, R)
+    group = np.clip(sync * R ** sync_exps[0] * (I / SYNC_ISL_REF) ** sync_exps[1], 1.0, R)
     P = group * I  # prompt tokens arriving together
     chunk = np.minimum(B, P)
     n_chunks = np.maximum(P / B, 1.0)

@@ -156,3 +156,20 @@ def test_smooth_roofline_lies_between_max_and_sum(llama: ModelArch, h100: GpuSpe
     body = soft.seconds - soft.overhead_s - soft.comm_s
     assert max(soft.compute_s, soft.memory_s) < body < soft.compute_s + soft.memory_s
     assert ideal.seconds < soft.seconds
+
+
+def test_arrival_groups_grow_with_prompt_length_and_batch_as_their_exponents_say(llama: ModelArch,
+                                                                                 h100: GpuSpec) -> None:
+    from tasks.perf_steady import SYNC_ISL_REF, agg_steady
+
+    pm = _pm(llama, h100, "bf16", "bf16")
+    isl, osl, conc = np.array([SYNC_ISL_REF, 4096.0]), np.array([256.0, 256.0]), np.array([32.0, 32.0])
+    fixed = agg_steady(pm, "vllm", isl, osl, conc, sync=0.25)
+    assert np.allclose(agg_steady(pm, "vllm", isl, osl, conc, sync=0.25, sync_exps=(1.0, 0.0))["ttft_s"],
+                       fixed["ttft_s"])  # exponents 1 and 0: a fixed share of the running batch
+    longer = agg_steady(pm, "vllm", isl, osl, conc, sync=0.25, sync_exps=(1.0, 0.5))
+    # At the reference length nothing changes; a longer prompt gathers more prompts into its prefill.
+    assert longer["ttft_s"][0] == pytest.approx(fixed["ttft_s"][0])
+    assert longer["ttft_s"][1] > fixed["ttft_s"][1] * 1.1
+    # A sub-linear batch exponent: smaller groups at the same share, so less prefill in each TTFT.
+    assert (agg_steady(pm, "vllm", isl, osl, conc, sync=0.25, sync_exps=(0.5, 0.0))["ttft_s"] < fixed["ttft_s"]).all()
