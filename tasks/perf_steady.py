@@ -2,11 +2,12 @@
 
 Aggregated: one instance runs R = min(C, KV capacity, max-num-seqs) requests; the others queue. Prompts
 reach the engine in groups of `sync * R^a * (isl/1024)^b` (a closed loop starts them together; how far the
-scheduler keeps them together, and how much more a long prefill step or a large batch gathers, are
-per-backend parameters: SGLang's waves fit a = 1, b = 0; vLLM's staggered arrivals a ~ 0.65, b ~ 0.5). A group's prompts are prefilled in chunks of
-max-num-batched-tokens; a mixed scheduler (vLLM, TensorRT-LLM) carries every running decode in those
-chunks, SGLang's prefill-first scheduler stalls decodes while it prefills. Over one request lifetime the
-engine runs every group's chunks once and O-1 decode steps; TTFT and TPOT follow by accounting time.
+scheduler keeps them together, and how much more a long prefill step or a large batch gathers, are per-
+backend parameters: SGLang's waves fit a = 1, b = 0; vLLM's staggered arrivals a ~ 0.65, b ~ 0.5). A
+group's prompts are prefilled in chunks of max-num-batched-tokens; a mixed scheduler (vLLM, TensorRT-LLM)
+carries every running decode in those chunks, SGLang's prefill-first scheduler stalls decodes while it
+prefills. Over one request lifetime the engine runs every group's chunks once and O-1 decode steps; TTFT
+and TPOT follow by accounting time.
 
 Disaggregated: a prefill pool (M/D/1 queue per worker), KV transfer over the link, a decode pool whose
 per-worker batch is the closed loop's population in decode; solved for that population by bisection.
