@@ -65,8 +65,8 @@ class PerfParams:
     # that staggers completions spreads them out (towards 1/concurrency).
     sync_frac: dict | None = None
     # How that group grows with the running batch R and the prompt length: sync * R^conc_exp *
-    # (isl / 1024)^isl_exp requests (exponents 1 and 0: a fixed share of R). Completions that land during a
-    # long prefill step all join the next one, so longer prompts and larger batches cluster more.
+    # (isl / 1024)^isl_exp requests (exponents 1 and 0: a fixed share of R). An empirical law: vLLM's
+    # measured TTFTs imply groups growing about as sqrt(R) and with prompt length.
     sync_conc_exp: dict | None = None
     sync_isl_exp: dict | None = None
     # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM's measured

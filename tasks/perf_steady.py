@@ -73,8 +73,7 @@ def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float
 
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
                sync: float = 0.1, sync_exps: tuple[float, float] = (1.0, 0.0), slot_wait: float = 0.0,
-               reserve_gib: float = 4.0,
-               max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+               reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
 
