@@ -53,8 +53,9 @@ def run_vllm(url: str, args, out: Path) -> dict:
     result = out / "vllm.json"
     cmd = [*_client_prefix(args), str(VLLM), "bench", "serve", "--backend", "openai", "--base-url", url,
            "--model", "tiny-llama", "--tokenizer", str(MODEL), "--dataset-name", "random",
-           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len), "--random-range-ratio", "0", "--num-prompts",
-           str(args.num_prompts), "--ignore-eos", "--max-concurrency", str(args.max_concurrency),
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--random-range-ratio", "0", "--num-prompts", str(args.num_prompts), "--ignore-eos",
+           "--max-concurrency", str(args.max_concurrency),
            "--request-rate", "inf", "--seed", "0", "--num-warmups", "2", "--temperature", "0",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-filename", str(result)]
