@@ -125,6 +125,8 @@ class ModelArch(_Spec):
     moe_intermediate_size: int = Field(0, ge=0)
     num_shared_experts: int = Field(0, ge=0)
     num_dense_layers: int = Field(0, ge=0, description="leading layers with a dense MLP in a MoE model")
+    expert_dtype: Literal["int4", "fp8"] | None = Field(None, description="routed experts' dtype in the released "
+                                                        "checkpoint when it differs from `dtype` (gpt-oss: MXFP4)")
     # Sliding-window attention
     sliding_window: int | None = Field(None, gt=0)
     num_sliding_layers: int = Field(0, ge=0)
@@ -202,12 +204,22 @@ class ModelArch(_Spec):
         idle = self.num_experts - self.num_experts_per_tok
         return self.num_params - moe_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
-    def weight_bytes(self, weights_dtype: str) -> float:
-        """Bytes of all weights when the linear layers are stored in `weights_dtype`; embeddings, the LM
+    def routed_expert_params(self) -> float:
+        """Parameters of the routed experts (all MoE layers), the part a separate MoE quantisation covers."""
+        if not self.is_moe:
+            return 0.0
+        moe_layers = self.num_layers - self.num_dense_layers
+        return moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+    def weight_bytes(self, weights_dtype: str, expert_dtype: str | None = None) -> float:
+        """Bytes of all weights when the linear layers are stored in `weights_dtype` (the routed experts in
+        `expert_dtype` when given: gpt-oss ships MXFP4 experts beside bf16 attention); embeddings, the LM
         head, MoE routers and norms stay 16-bit (as in vLLM's FP8 and AWQ/GPTQ checkpoints)."""
         c = self.param_counts()
         quantized = c["attention"] + c["mlp"]
-        return quantized * DTYPE_BYTES[weights_dtype] + (self.num_params - quantized) * DTYPE_BYTES["bf16"]
+        experts = self.routed_expert_params() if expert_dtype else 0.0
+        return ((quantized - experts) * DTYPE_BYTES[weights_dtype] + experts * DTYPE_BYTES[expert_dtype or "bf16"]
+                + (self.num_params - quantized) * DTYPE_BYTES["bf16"])
 
     # ------------------------------------------------------------ KV cache
     def kv_heads_per_gpu(self, tp: int = 1) -> int:

@@ -28,6 +28,7 @@ SPEC: list[tuple[str, float, float, float]] = [
     ("mbu", 0.8, 0.5, 0.92),
     ("fp8_gemm_scale", 0.8, 0.5, 1.0),
     ("memory_reserve_gib", 4.0, 0.5, 16.0),
+    ("allreduce_latency_s", 8e-6, 8e-6, 40e-6),  # NVLink all-reduce floor: TP>1 rows against TP 1
     *[(f"step_overhead_s.{b}", 0.003, 0.0, 0.03) for b in BACKENDS],
     *[(f"request_overhead_s.{b}", 0.05, 0.0, 0.5) for b in BACKENDS],
     *[(f"sync_frac.{b}", 0.9 if b == "sglang" else 0.1, 0.0, 1.0) for b in BACKENDS],
@@ -38,6 +39,9 @@ SPEC: list[tuple[str, float, float, float]] = [
 # Not identifiable from one model per backend (layers and backend are confounded in the data), so a
 # prior: ~8 kernels per layer at a ~3 us floor each.
 LAYER_LATENCY_S = 25e-6
+# Per-backend costs an unfitted backend borrows from the fitted ones; how a scheduler groups arrivals is
+# its own design (SGLang's waves, vLLM's staggering), so those keep their neutral start.
+POOLED = ("step_overhead_s", "request_overhead_s")
 TPOT_WEIGHT = 1.5  # TPOT's goal is tighter than TTFT's
 MISS = 3.0  # log-error charged to a row the model cannot cost
 
@@ -77,7 +81,7 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
     rows, reasons = resolve_frame(df)
     start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S)
     full = from_params(start)
-    # A backend's own parameters move only when its rows are in the fit; otherwise they keep the start.
+    # A backend's own parameters move only when its rows are in the fit (see _typical_for_absent).
     present = {r.backend for r in rows if r is not None}
     free = np.array(["." not in n or n.split(".")[1] in present for n, *_ in SPEC])
     lo, hi = np.array([s[2] for s in SPEC])[free], np.array([s[3] for s in SPEC])[free]
@@ -92,9 +96,27 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
         return np.concatenate([e_ttft, TPOT_WEIGHT * e_tpot])
 
     x0 = full[free]
-    res = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.1, x_scale=np.maximum(x0, 1e-3),
-                        diff_step=1e-2, max_nfev=400, ftol=1e-10, xtol=1e-10)
-    return to_params(expand(res.x), start)
+    res = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=0.1,
+                        x_scale=np.maximum(x0, np.minimum(1e-3, hi)), diff_step=1e-2, max_nfev=400, ftol=1e-10,
+                        xtol=1e-10)
+    return to_params(_typical_for_absent(expand(res.x), present), start)
+
+
+def _typical_for_absent(x: np.ndarray, present: set[str]) -> np.ndarray:
+    """A backend with no rows in the fit takes the mean of the fitted backends' overheads: with nothing
+    measured, a typical engine is the best guess (and what leave-one-backend-out then tests)."""
+    out = x.copy()
+    names = [n for n, *_ in SPEC]
+    for i, name in enumerate(names):
+        if "." not in name or name.split(".")[1] in present:
+            continue
+        group = name.split(".")[0]
+        if group not in POOLED:
+            continue
+        fitted = [x[j] for j, n in enumerate(names) if n.startswith(group + ".") and n.split(".")[1] in present]
+        if fitted:
+            out[i] = float(np.mean(fitted))
+    return out
 
 
 def abs_pct_errors(df: pd.DataFrame, params: PerfParams | None) -> pd.DataFrame:

@@ -34,8 +34,8 @@ KV_TRANSFER_LATENCY_S = 0.5e-3
 ACT_BYTES = 2.0
 
 # GPU families sharing kernels and calibration (conf/perf/<family>.yaml).
-GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "b200": "blackwell", "a100": "ampere",
-              "a10": "ampere", "l40s": "ada", "l20": "ada", "cpu": "cpu"}
+GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "b200": "blackwell", "b300": "blackwell",
+              "gb300": "blackwell", "a100": "ampere", "a10": "ampere", "l40s": "ada", "l20": "ada", "cpu": "cpu"}
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,16 @@ class PerfModel:
         params: PerfParams | None = None,
         compute_dtype: str | None = None,
         attention_dp: int = 1,
+        expert_dtype: str | None = None,
     ) -> None:
-        for dt in (weights_dtype, kv_dtype):
+        for dt in (weights_dtype, kv_dtype, expert_dtype or weights_dtype):
             if dt not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {dt!r}; use one of {sorted(DTYPE_BYTES)}")
         self.model, self.gpu, self.tp = model, gpu, tp
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
+        # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
+        self.expert_dtype = expert_dtype if model.is_moe and expert_dtype else None
+        self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
         moe_layers = model.num_layers - model.num_dense_layers if model.is_moe else 0
         # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
@@ -165,7 +169,7 @@ class PerfModel:
         # The embedding lookup gathers T rows: it is neither a GEMM nor streamed. Tied, it is the LM head.
         self.gemm_params = model.active_params - (0 if model.tie_word_embeddings else embed)
         lookup_bytes = 0 if model.tie_word_embeddings else embed * DTYPE_BYTES["bf16"]
-        self.weight_bytes_per_gpu = (model.weight_bytes(weights_dtype) - lookup_bytes) / tp
+        self.weight_bytes_per_gpu = (self.weight_bytes_total - lookup_bytes) / tp
         # Per GPU. Attention data parallelism (DeepSeek-style) spreads the requests, hence their KV, over
         # `attention_dp` groups of tp / attention_dp ranks each.
         self.attention_dp = attention_dp
@@ -174,7 +178,8 @@ class PerfModel:
         self._expert_bytes = 0.0
         if model.is_moe:
             moe_layers = model.num_layers - model.num_dense_layers
-            expert_bytes = 3 * model.hidden_size * model.moe_intermediate_size * DTYPE_BYTES[weights_dtype] / tp
+            expert_bytes = (3 * model.hidden_size * model.moe_intermediate_size
+                            * DTYPE_BYTES[self.expert_dtype or weights_dtype] / tp)
             self._expert_bytes = moe_layers * expert_bytes
             self._dense_bytes = self.weight_bytes_per_gpu - model.num_experts * self._expert_bytes
 

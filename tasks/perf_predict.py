@@ -36,7 +36,7 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
 def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1) -> PerfModel:
     return PerfModel(r.model, r.gpu, r.weights_dtype, r.kv_dtype, tp=tp,
                      step_overhead_s=params.overhead(r.backend), params=params, compute_dtype=r.compute_dtype,
-                     attention_dp=attention_dp)
+                     attention_dp=attention_dp, expert_dtype=r.expert_dtype)
 
 
 def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
@@ -50,7 +50,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         if r is None:
             continue
         key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
-               r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp)
+               r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype)
         groups[key].append(i)
     for idx in groups.values():
         r = rows[idx[0]]

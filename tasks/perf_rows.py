@@ -22,7 +22,10 @@ MODEL_ALIASES = {
     "llama-3.3-70b": "llama-3.1-70b", "meta-llama-3.1-70b": "llama-3.1-70b", "llama-3-70b": "llama-3.1-70b",
     "meta-llama-3-70b": "llama-3.1-70b", "deepseek-r1": "deepseek-v3", "deepseek-v3.1": "deepseek-v3",
     "deepseek-r1-0528": "deepseek-v3", "deepseek-v3-0324": "deepseek-v3", "meta-llama-3.1-405b": "llama-3.1-405b",
-    "mixtral-8x7b-v0.1": "mixtral-8x7b",
+    "mixtral-8x7b-v0.1": "mixtral-8x7b", "deepseek-v3.1-nvfp4": "deepseek-v3",
+    "qwen3-32b-fp8-static-pertensor": "qwen3-32b",
+    # Same text model as the catalogue entry (their config.json differ only in context length or vision).
+    "minimax-m2.7": "minimax-m2.5", "kimi-k2.6": "kimi-k2.5", "kimi-k2.7-code": "kimi-k2.5",
 }
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
 GPU_ALIASES = {"gb200": "b200", "b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
@@ -32,12 +35,16 @@ _PRECISIONS = {
     "": ("bf16", None), "bf16": ("bf16", None), "bfloat16": ("bf16", None), "fp16": ("fp16", None),
     "float16": ("fp16", None), "auto": ("bf16", None), "none": ("bf16", None),
     "fp8": ("fp8", None), "fp8_block": ("fp8", None), "fp8_static": ("fp8", None), "fp8_dynamic": ("fp8", None),
-    "w8a8": ("fp8", None), "int8": ("int8", "int8"), "int8_wo": ("int8", "bf16"), "w8a16": ("int8", "bf16"),
+    "fp8_ootb": ("fp8", None), "w8a8": ("fp8", None), "int8": ("int8", "int8"), "sq": ("int8", "int8"),
+    "int8_wo": ("int8", "bf16"), "w8a16": ("int8", "bf16"),
     "int4": ("int4", "bf16"), "int4_wo": ("int4", "bf16"), "awq": ("int4", "bf16"), "gptq": ("int4", "bf16"),
     "w4a16": ("int4", "bf16"), "w4a16_awq": ("int4", "bf16"), "w4afp8": ("int4", "fp8"),
     # 4-bit floats: 4-bit weights through the fastest tensor cores we have a peak for (FP8; FP4 peaks are
     # not in the catalogue), an approximation noted in pred_reason-free rows.
     "nvfp4": ("int4", "fp8"), "fp4": ("int4", "fp8"), "mxfp4": ("int4", "fp8"),
+    # aiconfigurator's MoE modes (moe_quant_mode): MXFP4 experts with bf16 or FP8 activations.
+    "w4a16_mxfp4": ("int4", "bf16"), "w4a16_mxfp4_cutlass": ("int4", "bf16"), "w4a8_mxfp4_mxfp8": ("int4", "fp8"),
+    "w4a8_mxfp4_mxfp8_trtllm": ("int4", "fp8"),
 }
 BACKENDS = ("vllm", "sglang", "trtllm")
 _BACKEND_ALIASES = {"tensorrt-llm": "trtllm", "tensorrt_llm": "trtllm", "trt-llm": "trtllm", "trt": "trtllm"}
@@ -110,6 +117,20 @@ def resolve_precision(precision: object, gemm_quant_mode: object, model: ModelAr
     return model.dtype, None
 
 
+def resolve_expert_dtype(moe_quant_mode: object, model: ModelArch, weights_dtype: str) -> str | None:
+    """Dtype of a MoE model's routed experts when `moe_quant_mode` sets one apart from the other weights;
+    unstated, the released checkpoint's own (gpt-oss: MXFP4) unless the row quantises the whole model."""
+    raw = _norm(moe_quant_mode)
+    if not model.is_moe:
+        return None
+    if raw in ("", "none", "auto"):
+        return model.expert_dtype if weights_dtype == model.dtype else None
+    if raw not in _PRECISIONS:
+        raise ValueError(f"moe_quant_mode {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
+    dtype = _PRECISIONS[raw][0]
+    return None if dtype == weights_dtype else dtype
+
+
 def _int(v: object, default: int = 0) -> int:
     try:
         f = float(v)
@@ -140,6 +161,7 @@ class ResolvedRow:
     decode_tp: int = 0
     attn_dp: int = 1  # attention data-parallel groups within one instance (agg, or the decode pool)
     prefill_attn_dp: int = 1
+    expert_dtype: str | None = None  # routed experts' dtype when it differs from weights_dtype
 
 
 def _gpus(row: dict, prefix: str) -> int:
@@ -160,6 +182,10 @@ def resolve_row(row: dict) -> ResolvedRow:
     gpu = resolve_gpu(row.get("system") or row.get("gpu") or "")
     backend = resolve_backend(row.get("backend") or "vllm")
     weights, compute = resolve_precision(row.get("precision"), row.get("gemm_quant_mode"), model)
+    if model.expert_dtype and weights == model.expert_dtype and not _norm(row.get("gemm_quant_mode")):
+        # "precision: mxfp4" of gpt-oss names its released checkpoint: MXFP4 experts, bf16 elsewhere.
+        weights, compute = model.dtype, None
+    experts = resolve_expert_dtype(row.get("moe_quant_mode"), model, weights)
     kv_raw = _norm(row.get("kvcache_quant_mode") or row.get("kv_cache_quant_mode") or row.get("kv_cache_dtype"))
     # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
@@ -175,7 +201,7 @@ def resolve_row(row: dict) -> ResolvedRow:
         if conc < 1:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, _gpus(row, ""),
-                           attn_dp=_dp(row, ""))
+                           attn_dp=_dp(row, ""), expert_dtype=experts)
     if mode == "disagg":
         pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
         ptp, dtp = _gpus(row, "prefill_"), _gpus(row, "decode_")
@@ -185,5 +211,5 @@ def resolve_row(row: dict) -> ResolvedRow:
             raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dtp, pw, ptp,
                            max(1, _int(row.get("prefill_batch_size"), 1)), dw, dtp, attn_dp=_dp(row, "decode_"),
-                           prefill_attn_dp=_dp(row, "prefill_"))
+                           prefill_attn_dp=_dp(row, "prefill_"), expert_dtype=experts)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

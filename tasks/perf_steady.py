@@ -64,7 +64,7 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
 
 def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
     s = SCHEDULERS[backend]
-    weights = pm.model.weight_bytes(pm.weights_dtype) / pm.tp
+    weights = pm.weight_bytes_total / pm.tp
     mem = pm.gpu.memory_bytes
     free = (s.mem_frac * (mem - weights - reserve_gib * GIB) if s.frac_of_free
             else s.mem_frac * mem - weights - reserve_gib * GIB)
@@ -86,7 +86,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
     # Weights that do not fit at all cannot run; a KV estimate below one request is our reserve guess
     # being too large for a deployment that exists, so it runs one request at a time.
-    fits = (pm.model.weight_bytes(pm.weights_dtype) / pm.tp < pm.gpu.memory_bytes) & (I + O > 0)
+    fits = (pm.weight_bytes_total / pm.tp < pm.gpu.memory_bytes) & (I + O > 0)
     kv = np.maximum(kv, I + O)
     need = I + O if s.reserve_full_context else I + O / 2
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
@@ -152,7 +152,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         transfer = pm_p.kv_transfer_s(0) + I * pm_p.kv_bytes_per_token / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
     cap = Wd * np.minimum(SCHEDULERS[backend].max_seqs, np.maximum(kv_d / (I + O), 1.0))
-    fits = (max(pm.model.weight_bytes(pm.weights_dtype) / pm.tp for pm in (pm_p, pm_d))
+    fits = (max(pm.weight_bytes_total / pm.tp for pm in (pm_p, pm_d))
             < pm_p.gpu.memory_bytes) & (I > 0)
 
     def tpot_at(n_d):

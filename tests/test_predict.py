@@ -37,14 +37,16 @@ def _predict(*rows: dict) -> pd.DataFrame:
     ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"), ("nvidia/Llama-3.3-70B-Instruct-FP8", "llama-3.1-70b"),
     ("QWEN/qwen3-30b-a3b-fp8", "qwen3-30b-a3b"), ("deepseek-ai/DeepSeek-R1", "deepseek-v3"),
     ("Qwen/Qwen3-235B-A22B-FP8", "qwen3-235b-a22b"), ("llama-3.1-8b", "llama-3.1-8b"),
+    ("nvidia/DeepSeek-V3.1-NVFP4", "deepseek-v3"), ("moonshotai/Kimi-K2.6", "kimi-k2.5"),
+    ("nvidia/MiniMax-M2.7-NVFP4", "minimax-m2.5"), ("XiaomiMiMo/MiMo-7B-Base", "mimo-7b"),
 ])
 def test_hf_ids_resolve_to_catalogue(hf_id: str, name: str) -> None:
     assert resolve_model(hf_id).name == name
 
 
 def test_systems_and_precisions_resolve() -> None:
-    assert [resolve_gpu(s).name for s in ("h100_sxm", "H200_SXM", "b200_sxm", "a100_sxm", "l40s", "gb200")] == \
-        ["h100", "h200", "b200", "a100", "l40s", "b200"]
+    systems = ("h100_sxm", "H200_SXM", "b200_sxm", "a100_sxm", "l40s", "gb200", "b300_sxm", "gb300")
+    assert [resolve_gpu(s).name for s in systems] == ["h100", "h200", "b200", "a100", "l40s", "b200", "b300", "gb300"]
     llama = load_model("llama-3.1-8b")
     assert resolve_precision("fp8", "", llama) == ("fp8", None)
     assert resolve_precision(float("nan"), "fp8_block", llama) == ("fp8", None)
@@ -96,6 +98,26 @@ def test_every_catalogue_gpu_and_backend_is_predicted() -> None:
     # PCIe L40S: slower than every NVLink/HBM GPU at the same TP.
     by_gpu = out.groupby("system")["pred_tpot_ms"].mean()
     assert by_gpu.idxmax() == "l40s"
+
+
+def test_moe_experts_take_their_own_dtype() -> None:
+    """gpt-oss ships MXFP4 experts beside bf16 attention: unstated, or as aiconfigurator's moe_quant_mode,
+    the experts are 4-bit; 16-bit experts stream ~4x the bytes in memory-bound decode."""
+    gpt = dict(model_path="openai/gpt-oss-120b", batch_size=64, tp_size=4)  # most experts touched per step
+    out = _predict(_row(**gpt), _row(**gpt, gemm_quant_mode="bfloat16", moe_quant_mode="w4a16_mxfp4"),
+                   _row(**gpt, precision="mxfp4"), _row(**gpt, gemm_quant_mode="bfloat16", moe_quant_mode="bfloat16"),
+                   _row(**gpt, moe_quant_mode="fp2"))
+    assert (out.loc[:3, "pred_reason"] == "").all()
+    assert out.loc[0, "pred_tpot_ms"] == pytest.approx(out.loc[1, "pred_tpot_ms"], rel=1e-9)
+    assert out.loc[2, "pred_tpot_ms"] == pytest.approx(out.loc[0, "pred_tpot_ms"], rel=1e-9)
+    assert out.loc[3, "pred_tpot_ms"] > 1.5 * out.loc[0, "pred_tpot_ms"]
+    assert "moe_quant_mode" in out.loc[4, "pred_reason"]
+    # A dense model ignores the MoE column; SmoothQuant and TRT's FP8 spell W8A8.
+    llama = load_model("llama-3.1-8b")
+    assert resolve_precision("", "sq", llama) == ("int8", "int8")
+    assert resolve_precision("", "fp8_ootb", llama) == ("fp8", None)
+    dense = _predict(_row(), _row(moe_quant_mode="w4a16_mxfp4"))
+    assert dense.loc[0, "pred_tpot_ms"] == dense.loc[1, "pred_tpot_ms"]
 
 
 def _disagg(**kw) -> dict:
@@ -213,3 +235,15 @@ def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: Pe
     assert pd_pred.ttft_parts_ms["comm"] > 0  # the KV transfer
     assert sum(pd_pred.ttft_parts_ms.values()) == pytest.approx(pd_pred.ttft_ms, rel=1e-6)
     assert pd_pred.output_tok_s == pytest.approx(5.0 * 200, rel=0.02)
+
+
+def test_a_backend_without_rows_borrows_the_fitted_backends_overheads_but_not_their_arrival_law() -> None:
+    from tasks.perf_calibration import SPEC, _typical_for_absent, from_params, to_params
+
+    fitted = PerfParams(step_overhead_s={"vllm": 0.002, "sglang": 0.001}, request_overhead_s={"vllm": 0.06,
+                        "sglang": 0.10}, sync_frac={"vllm": 0.3, "sglang": 1.0})
+    p = to_params(_typical_for_absent(from_params(fitted), {"vllm", "sglang"}), fitted)
+    assert p.overhead("trtllm") == pytest.approx(0.0015)
+    assert p.request_overhead("trtllm") == pytest.approx(0.08)
+    assert p.sync("trtllm") == pytest.approx(dict((n, v) for n, v, *_ in SPEC)["sync_frac.trtllm"])
+    assert p.overhead("vllm") == pytest.approx(0.002)  # fitted backends keep their own
