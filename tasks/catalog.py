@@ -211,14 +211,22 @@ class ModelArch(_Spec):
         moe_layers = self.num_layers - self.num_dense_layers
         return moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
 
+    def experts_stored_as(self, weights_dtype: str, expert_dtype: str | None = None) -> str:
+        """Dtype of the routed experts: `expert_dtype` when given, else the released checkpoint's own
+        (gpt-oss: MXFP4) while the rest stays as released, else `weights_dtype` (the whole model quantised)."""
+        if expert_dtype:
+            return expert_dtype
+        return self.expert_dtype if self.expert_dtype and weights_dtype == self.dtype else weights_dtype
+
     def weight_bytes(self, weights_dtype: str, expert_dtype: str | None = None) -> float:
-        """Bytes of all weights when the linear layers are stored in `weights_dtype` (the routed experts in
-        `expert_dtype` when given: gpt-oss ships MXFP4 experts beside bf16 attention); embeddings, the LM
-        head, MoE routers and norms stay 16-bit (as in vLLM's FP8 and AWQ/GPTQ checkpoints)."""
+        """Bytes of all weights when the linear layers are stored in `weights_dtype` and the routed experts
+        as `experts_stored_as` says; embeddings, the LM head, MoE routers and norms stay 16-bit (as in
+        vLLM's FP8 and AWQ/GPTQ checkpoints)."""
         c = self.param_counts()
         quantized = c["attention"] + c["mlp"]
-        experts = self.routed_expert_params() if expert_dtype else 0.0
-        return ((quantized - experts) * DTYPE_BYTES[weights_dtype] + experts * DTYPE_BYTES[expert_dtype or "bf16"]
+        experts = self.routed_expert_params()
+        return ((quantized - experts) * DTYPE_BYTES[weights_dtype]
+                + experts * DTYPE_BYTES[self.experts_stored_as(weights_dtype, expert_dtype)]
                 + (self.num_params - quantized) * DTYPE_BYTES["bf16"])
 
     # ------------------------------------------------------------ KV cache

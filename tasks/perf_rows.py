@@ -117,18 +117,15 @@ def resolve_precision(precision: object, gemm_quant_mode: object, model: ModelAr
     return model.dtype, None
 
 
-def resolve_expert_dtype(moe_quant_mode: object, model: ModelArch, weights_dtype: str) -> str | None:
-    """Dtype of a MoE model's routed experts when `moe_quant_mode` sets one apart from the other weights;
-    unstated, the released checkpoint's own (gpt-oss: MXFP4) unless the row quantises the whole model."""
+def resolve_expert_dtype(moe_quant_mode: object, model: ModelArch) -> str | None:
+    """Dtype of a MoE model's routed experts as `moe_quant_mode` names it; unstated (None), the catalogue
+    decides (`ModelArch.experts_stored_as`)."""
     raw = _norm(moe_quant_mode)
-    if not model.is_moe:
+    if not model.is_moe or raw in ("", "none", "auto"):
         return None
-    if raw in ("", "none", "auto"):
-        return model.expert_dtype if weights_dtype == model.dtype else None
     if raw not in _PRECISIONS:
         raise ValueError(f"moe_quant_mode {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
-    dtype = _PRECISIONS[raw][0]
-    return None if dtype == weights_dtype else dtype
+    return _PRECISIONS[raw][0]
 
 
 def _int(v: object, default: int = 0) -> int:
@@ -161,7 +158,7 @@ class ResolvedRow:
     decode_tp: int = 0
     attn_dp: int = 1  # attention data-parallel groups within one instance (agg, or the decode pool)
     prefill_attn_dp: int = 1
-    expert_dtype: str | None = None  # routed experts' dtype when it differs from weights_dtype
+    expert_dtype: str | None = None  # routed experts' dtype when the row names one (moe_quant_mode)
 
 
 def _gpus(row: dict, prefix: str) -> int:
@@ -185,7 +182,7 @@ def resolve_row(row: dict) -> ResolvedRow:
     if model.expert_dtype and weights == model.expert_dtype and not _norm(row.get("gemm_quant_mode")):
         # "precision: mxfp4" of gpt-oss names its released checkpoint: MXFP4 experts, bf16 elsewhere.
         weights, compute = model.dtype, None
-    experts = resolve_expert_dtype(row.get("moe_quant_mode"), model, weights)
+    experts = resolve_expert_dtype(row.get("moe_quant_mode"), model)
     kv_raw = _norm(row.get("kvcache_quant_mode") or row.get("kv_cache_quant_mode") or row.get("kv_cache_dtype"))
     # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"

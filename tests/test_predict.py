@@ -112,6 +112,9 @@ def test_moe_experts_take_their_own_dtype() -> None:
     assert out.loc[2, "pred_tpot_ms"] == pytest.approx(out.loc[0, "pred_tpot_ms"], rel=1e-9)
     assert out.loc[3, "pred_tpot_ms"] > 1.5 * out.loc[0, "pred_tpot_ms"]
     assert "moe_quant_mode" in out.loc[4, "pred_reason"]
+    # Memory planning sees the release's size too: gpt-oss-120b's checkpoint is ~65 GB, not 234 GB of bf16.
+    model = load_model("gpt-oss-120b")
+    assert 55e9 < model.weight_bytes("bf16") < 70e9 < 200e9 < model.weight_bytes("bf16", expert_dtype="bf16")
     # A dense model ignores the MoE column; SmoothQuant and TRT's FP8 spell W8A8.
     llama = load_model("llama-3.1-8b")
     assert resolve_precision("", "sq", llama) == ("int8", "int8")
