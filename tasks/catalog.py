@@ -200,16 +200,14 @@ class ModelArch(_Spec):
         """Parameters one token multiplies through: all but the routed experts it is not sent to."""
         if not self.is_moe:
             return self.num_params
-        moe_layers = self.num_layers - self.num_dense_layers
         idle = self.num_experts - self.num_experts_per_tok
-        return self.num_params - moe_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
+        return self.num_params - idle * self.expert_params()
 
-    def routed_expert_params(self) -> float:
-        """Parameters of the routed experts (all MoE layers), the part a separate MoE quantisation covers."""
+    def expert_params(self) -> float:
+        """Parameters of one routed expert summed over the MoE layers (gate, up, down in each)."""
         if not self.is_moe:
             return 0.0
-        moe_layers = self.num_layers - self.num_dense_layers
-        return moe_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+        return (self.num_layers - self.num_dense_layers) * 3 * self.hidden_size * self.moe_intermediate_size
 
     def experts_stored_as(self, weights_dtype: str, expert_dtype: str | None = None) -> str:
         """Dtype of the routed experts: `expert_dtype` when given, else the released checkpoint's own
@@ -224,7 +222,7 @@ class ModelArch(_Spec):
         vLLM's FP8 and AWQ/GPTQ checkpoints)."""
         c = self.param_counts()
         quantized = c["attention"] + c["mlp"]
-        experts = self.routed_expert_params()
+        experts = self.num_experts * self.expert_params()
         return ((quantized - experts) * DTYPE_BYTES[weights_dtype]
                 + experts * DTYPE_BYTES[self.experts_stored_as(weights_dtype, expert_dtype)]
                 + (self.num_params - quantized) * DTYPE_BYTES["bf16"])

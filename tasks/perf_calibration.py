@@ -106,16 +106,13 @@ def _typical_for_absent(x: np.ndarray, present: set[str]) -> np.ndarray:
     """A backend with no rows in the fit takes the mean of the fitted backends' overheads: with nothing
     measured, a typical engine is the best guess (and what leave-one-backend-out then tests)."""
     out = x.copy()
-    names = [n for n, *_ in SPEC]
-    for i, name in enumerate(names):
-        if "." not in name or name.split(".")[1] in present:
-            continue
-        group = name.split(".")[0]
-        if group not in POOLED:
-            continue
-        fitted = [x[j] for j, n in enumerate(names) if n.startswith(group + ".") and n.split(".")[1] in present]
-        if fitted:
-            out[i] = float(np.mean(fitted))
+    keys = [tuple(n.split(".")) for n, *_ in SPEC]
+    for group in POOLED:
+        mine = [i for i, k in enumerate(keys) if k[0] == group]
+        fitted = [x[i] for i in mine if keys[i][1] in present]
+        for i in mine:
+            if fitted and keys[i][1] not in present:
+                out[i] = float(np.mean(fitted))
     return out
 
 

@@ -150,13 +150,13 @@ class PerfModel:
         attention_dp: int = 1,
         expert_dtype: str | None = None,
     ) -> None:
-        for dt in (weights_dtype, kv_dtype, model.experts_stored_as(weights_dtype, expert_dtype)):
+        # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
+        self.expert_dtype = model.experts_stored_as(weights_dtype, expert_dtype)
+        for dt in (weights_dtype, kv_dtype, self.expert_dtype):
             if dt not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {dt!r}; use one of {sorted(DTYPE_BYTES)}")
         self.model, self.gpu, self.tp = model, gpu, tp
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
-        # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
-        self.expert_dtype = model.experts_stored_as(weights_dtype, expert_dtype)
         self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
         moe_layers = model.num_layers - model.num_dense_layers if model.is_moe else 0
@@ -175,12 +175,8 @@ class PerfModel:
         self.attention_dp = attention_dp
         self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, max(1, tp // attention_dp)) / attention_dp
         # A MoE step streams the dense part and only the routed experts its tokens touch.
-        self._expert_bytes = 0.0
+        self._expert_bytes = model.expert_params() * DTYPE_BYTES[self.expert_dtype] / tp
         if model.is_moe:
-            moe_layers = model.num_layers - model.num_dense_layers
-            expert_bytes = (3 * model.hidden_size * model.moe_intermediate_size
-                            * DTYPE_BYTES[self.expert_dtype] / tp)
-            self._expert_bytes = moe_layers * expert_bytes
             self._dense_bytes = self.weight_bytes_per_gpu - model.num_experts * self._expert_bytes
 
         # Precomputed per-unit rates so `step` is a handful of multiply-adds.

@@ -110,11 +110,15 @@ def resolve_precision(precision: object, gemm_quant_mode: object, model: ModelAr
     """(weights dtype, compute dtype or None) from the row's precision columns; the checkpoint's own dtype
     when neither says."""
     for raw in (_norm(gemm_quant_mode), _norm(precision)):
-        if raw and raw not in ("", "none", "auto"):
-            if raw not in _PRECISIONS:
-                raise ValueError(f"precision {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
-            return _PRECISIONS[raw]
+        if raw not in ("", "none", "auto"):
+            return _precision(raw, "precision")
     return model.dtype, None
+
+
+def _precision(raw: str, column: str) -> tuple[str, str | None]:
+    if raw not in _PRECISIONS:
+        raise ValueError(f"{column} {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
+    return _PRECISIONS[raw]
 
 
 def resolve_expert_dtype(moe_quant_mode: object, model: ModelArch) -> str | None:
@@ -123,9 +127,7 @@ def resolve_expert_dtype(moe_quant_mode: object, model: ModelArch) -> str | None
     raw = _norm(moe_quant_mode)
     if not model.is_moe or raw in ("", "none", "auto"):
         return None
-    if raw not in _PRECISIONS:
-        raise ValueError(f"moe_quant_mode {raw!r} unknown; known: {', '.join(sorted(p for p in _PRECISIONS if p))}")
-    return _PRECISIONS[raw][0]
+    return _precision(raw, "moe_quant_mode")[0]
 
 
 def _int(v: object, default: int = 0) -> int:
