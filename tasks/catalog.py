@@ -95,8 +95,10 @@ class ModelArch(_Spec):
     Field names follow Hugging Face `config.json` where one exists. Besides plain GQA models it covers
     MLA (DeepSeek: a compressed latent KV of `kv_lora_rank + qk_rope_head_dim` per layer), mixtures of
     experts (`num_experts` routed experts of `moe_intermediate_size`, `num_shared_experts` always on,
-    the first `num_dense_layers` layers dense), and sliding-window attention (`num_sliding_layers`
-    layers attend to the last `sliding_window` tokens only).
+    the first `num_dense_layers` layers dense), sliding-window attention (`num_sliding_layers`
+    layers attend to the last `sliding_window` tokens only) and DeepSeek sparse attention (DSA: a
+    lightning indexer of `index_n_heads` x `index_head_dim` scores every cached token, each query then
+    attends its `index_topk` best).
     """
 
     name: str
@@ -130,6 +132,10 @@ class ModelArch(_Spec):
     # Sliding-window attention
     sliding_window: int | None = Field(None, gt=0)
     num_sliding_layers: int = Field(0, ge=0)
+    # DeepSeek sparse attention (DeepSeek-V3.2, GLM-5)
+    index_topk: int | None = Field(None, gt=0, description="tokens each query attends (DSA); null: all")
+    index_n_heads: int = Field(0, ge=0)
+    index_head_dim: int = Field(0, ge=0)
     params_b: float | None = Field(None, gt=0, description="published total parameters, billions; a "
                                    "cross-check of the count computed from the architecture")
 
@@ -149,6 +155,8 @@ class ModelArch(_Spec):
             raise ValueError("num_dense_layers and num_sliding_layers cannot exceed num_layers")
         if self.num_sliding_layers and self.sliding_window is None:
             raise ValueError("num_sliding_layers > 0 needs sliding_window")
+        if self.index_topk is not None and not (self.is_mla and self.index_n_heads and self.index_head_dim):
+            raise ValueError("index_topk (sparse attention) needs an MLA model with index_n_heads and index_head_dim")
         return self
 
     @property
@@ -238,8 +246,14 @@ class ModelArch(_Spec):
         GQA: K and V, kv_heads/TP heads of head_dim. MLA: one latent of kv_lora_rank + qk_rope_head_dim,
         whole on every TP rank (the latent is not split by head)."""
         if self.is_mla:
-            return (self.kv_lora_rank + self.qk_rope_head_dim) * DTYPE_BYTES[kv_dtype]
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * DTYPE_BYTES[kv_dtype] + self.index_key_bytes
         return 2 * self.kv_heads_per_gpu(tp) * self.head_dim * DTYPE_BYTES[kv_dtype]
+
+    @property
+    def index_key_bytes(self) -> float:
+        """A DSA indexer's cached key of one token in one layer: FP8 plus one fp32 scale, whatever the KV
+        dtype (as vLLM and SGLang store it); 0 without sparse attention."""
+        return self.index_head_dim + 4 if self.index_topk else 0
 
     def kv_bytes_per_token(self, kv_dtype: str, tp: int = 1) -> float:
         """KV bytes of one token of context in every layer, on one GPU (a sliding-window layer holds a
@@ -258,7 +272,7 @@ class ModelArch(_Spec):
     def from_hf_config(cls, path: str | Path, name: str | None = None) -> "ModelArch":
         """Read a local Hugging Face `config.json` (a file, or a directory holding one).
 
-        Understands Llama, Mistral, Qwen2/2.5/3, Qwen3-MoE, Mixtral, DeepSeek-V2/V3 (MLA + MoE), Gemma 2/3
+        Understands Llama, Mistral, Qwen2/2.5/3, Qwen3-MoE, Mixtral, DeepSeek-V2/V3/V3.2 (MLA + MoE, DSA), Gemma 2/3
         and any config with `layer_types` (sliding vs full attention). Raises ConfigFileError naming the
         missing key otherwise.
         """
@@ -327,6 +341,9 @@ def _hf_fields(cfg: dict) -> dict:
         fields.update(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank"),
                       qk_rope_head_dim=cfg["qk_rope_head_dim"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
                       v_head_dim=cfg["v_head_dim"], head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+        if cfg.get("index_topk"):  # DeepSeek sparse attention (DeepSeek-V3.2, GLM-5)
+            fields.update(index_topk=cfg["index_topk"], index_n_heads=cfg["index_n_heads"],
+                          index_head_dim=cfg["index_head_dim"])
     if experts:
         fields.update(
             num_experts=experts,

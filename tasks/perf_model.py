@@ -34,8 +34,10 @@ KV_TRANSFER_LATENCY_S = 0.5e-3
 ACT_BYTES = 2.0
 
 # GPU families sharing kernels and calibration (conf/perf/<family>.yaml).
-GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "b200": "blackwell", "b300": "blackwell",
-              "gb300": "blackwell", "a100": "ampere", "a10": "ampere", "l40s": "ada", "l20": "ada", "cpu": "cpu"}
+GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "h20-3e": "hopper", "h800": "hopper",
+              "b200": "blackwell", "b300": "blackwell", "gb200": "blackwell", "gb300": "blackwell",
+              "rtx-pro-6000": "blackwell-rtx", "a100": "ampere", "a10": "ampere", "l40s": "ada", "l20": "ada",
+              "cpu": "cpu"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,16 @@ class PerfModel:
         # FlashAttention runs in bf16 whatever the weights are.
         attn_flops_per_ctx = 4 * model.num_layers * model.num_attention_heads * model.head_dim
         self._attn_s_per_ctx = attn_flops_per_ctx / (gpu.peak_flops("bf16") * p.attn_eff) / tp
+        # Sliding-window layers (gpt-oss: every other layer, 128 tokens) attend and read at most the window.
+        self._sliding_share = model.num_sliding_layers / model.num_layers
+        self._window = float(model.sliding_window or 0)
+        # Sparse attention (DSA): every layer attends `index_topk` tokens per query, picked by an indexer
+        # that scores every cached token with FP8 logits (run whole on each TP rank) and reads its keys.
+        self._topk = float(model.index_topk or 0)
+        index_flops_per_ctx = 2 * model.num_layers * model.index_n_heads * model.index_head_dim
+        self._index_s_per_ctx = index_flops_per_ctx / (gpu.peak_flops(
+            "fp8" if gpu.supports_fp8 else "bf16") * p.attn_eff) if self._topk else 0.0
+        self._index_bytes_per_token = model.num_layers * model.index_key_bytes / attention_dp
         self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * p.mbu
         self._link_bps = gpu.link_bandwidth_gbps * 1e9 * p.link_eff
         # 2 all-reduces per layer (after attention and after the MLP), ring algorithm.
@@ -211,6 +223,21 @@ class PerfModel:
         touched = distinct_experts(m.num_experts, m.num_experts_per_tok, np.maximum(tokens, 1))
         return self._dense_bytes + touched * self._expert_bytes
 
+    def attended(self, context_sum, queries):
+        """`context_sum` (context attended, summed over `queries` query rows) averaged over the layers: a
+        sliding-window layer attends at most its window per query, a sparse (DSA) one its top-k. Exact when
+        every context passes the cap or none does."""
+        if self._topk:
+            return np.minimum(context_sum, np.asarray(queries, dtype=float) * self._topk)
+        return self.held(context_sum, queries)
+
+    def held(self, context_sum, queries):
+        """Cached tokens the layers keep, averaged over them: a sliding-window layer only its window."""
+        if not self._sliding_share:
+            return context_sum
+        windowed = np.minimum(context_sum, np.asarray(queries, dtype=float) * self._window)
+        return (1 - self._sliding_share) * context_sum + self._sliding_share * windowed
+
     def gemm_efficiency(self, tokens):
         """Fraction of the saturated GEMM rate reached at `tokens` tokens per step."""
         h = self.params.gemm_half_tokens
@@ -235,10 +262,14 @@ class PerfModel:
         """
         decode_tokens = decode_seqs * tokens_per_decode_seq
         tokens = prefill_tokens + decode_tokens
-        attn_ctx = prefill_attn_context + decode_context_tokens * tokens_per_decode_seq
+        decode_ctx = self.attended(decode_context_tokens, decode_seqs)
+        attn_ctx = self.attended(prefill_attn_context, prefill_tokens) + decode_ctx * tokens_per_decode_seq
+        # A DSA indexer scores (and reads the keys of) every cached token, the attention only the top-k.
+        index_ctx = prefill_attn_context + decode_context_tokens * tokens_per_decode_seq
         compute_s = (tokens * self._gemm_s_per_token / self.gemm_efficiency(tokens)
-                     + attn_ctx * self._attn_s_per_ctx)
-        kv_bytes = (decode_context_tokens + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token
+                     + attn_ctx * self._attn_s_per_ctx + index_ctx * self._index_s_per_ctx)
+        index_bytes = (decode_context_tokens - decode_ctx) * self._index_bytes_per_token
+        kv_bytes = (decode_ctx + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token + index_bytes
         memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
         seconds = self.bound_s(compute_s, memory_s) + comm_s + self.step_overhead_s
@@ -250,9 +281,13 @@ class PerfModel:
             prefill_tokens=prompt_tokens, prefill_attn_context=causal_context(0, prompt_tokens)
         ).seconds
 
+    def kv_bytes_held(self, context_tokens):
+        """KV bytes one request holding `context_tokens` keeps on a GPU (a sliding layer: its window)."""
+        return self.kv_bytes_per_token * self.held(context_tokens, 1)
+
     def kv_transfer_s(self, tokens: int) -> float:
         """Moving `tokens` of KV to another instance: each TP rank sends its shard over its own link."""
-        return tokens * self.kv_bytes_per_token / self._link_bps + KV_TRANSFER_LATENCY_S
+        return self.kv_bytes_held(tokens) / self._link_bps + KV_TRANSFER_LATENCY_S
 
     def capacity_qps(
         self, mean_input: float, mean_output: float, max_num_seqs: int, kv_capacity_tokens: int

@@ -26,10 +26,23 @@ MODEL_ALIASES = {
     "qwen3-32b-fp8-static-pertensor": "qwen3-32b",
     # Same text model as the catalogue entry (their config.json differ only in context length or vision).
     "minimax-m2.7": "minimax-m2.5", "kimi-k2.6": "kimi-k2.5", "kimi-k2.7-code": "kimi-k2.5",
+    "minimax-m2": "minimax-m2.5", "minimax-m2.1": "minimax-m2.5", "glm-4.6": "glm-4.5", "glm-4.7": "glm-4.5",
+    "kimi-k2-instruct-0905": "kimi-k2", "kimi-k2-base": "kimi-k2",
+    "deepseek-v3.1-terminus": "deepseek-v3", "deepseek-r1-0528-fp4-v2": "deepseek-v3",
+    "qwen3-coder-30b-a3b": "qwen3-30b-a3b", "mimo-7b-rl": "mimo-7b", "mimo-7b-sft": "mimo-7b",
+    # Distilled checkpoints keep their base model's architecture.
+    "deepseek-r1-distill-llama-70b": "llama-3.1-70b", "deepseek-r1-distill-llama-8b": "llama-3.1-8b",
+    "deepseek-r1-distill-qwen-32b": "qwen2.5-32b", "deepseek-r1-distill-qwen-14b": "qwen2.5-14b",
+    "deepseek-r1-distill-qwen-7b": "qwen2.5-7b", "deepseek-r1-distill-qwen-1.5b": "qwen2.5-1.5b",
+    # K2-Thinking ships K2.5's INT4 experts; K2-Instruct (conf/model/kimi-k2.yaml) is block FP8.
+    "kimi-k2-thinking": "kimi-k2.5",
+    "deepseek-v3.2-exp": "deepseek-v3.2", "deepseek-v3.2-speciale": "deepseek-v3.2",
 }
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
-GPU_ALIASES = {"gb200": "b200", "b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
-               "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20"}
+GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
+               "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20",
+               "h20_3e": "h20-3e", "h800_sxm": "h800", "rtx_pro_6000_server": "rtx-pro-6000",
+               "rtxpro6000_blackwell_server": "rtx-pro-6000", "rtx_pro_6000": "rtx-pro-6000"}
 # precision / gemm_quant_mode spellings -> (weights dtype, compute dtype or None for the default).
 _PRECISIONS = {
     "": ("bf16", None), "bf16": ("bf16", None), "bfloat16": ("bf16", None), "fp16": ("fp16", None),
@@ -90,7 +103,7 @@ def resolve_model(model_path: str) -> ModelArch:
 def resolve_gpu(system: str) -> GpuSpec:
     key = _norm(system)
     key = GPU_ALIASES.get(key, key)
-    for cand in (key, re.sub(r"[_-](sxm\d?|pcie|nvl|\d+gb)$", "", key)):
+    for cand in (key, re.sub(r"[_-](sxm\d?|pcie|nvl\d*|\d+gb)$", "", key)):
         try:
             return load_gpu(cand)
         except ConfigFileError:
@@ -99,7 +112,9 @@ def resolve_gpu(system: str) -> GpuSpec:
 
 
 def resolve_backend(backend: str) -> str:
-    b = _norm(backend)
+    # The engine is what is costed: Dynamo's "dynamo-trt" / "dynamo-sglang" and "-disagg" variants name
+    # the same engines run under an orchestrator (the topology is in the row's own columns).
+    b = re.sub(r"^dynamo[-_]|[-_](disagg|agg)$", "", _norm(backend))
     b = _BACKEND_ALIASES.get(b, b)
     if b not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; modelled: {', '.join(BACKENDS)}")

@@ -131,6 +131,20 @@ def test_sliding_window_groups_and_concurrency(tmp_path):
     assert kv_groups(mistral) == (("sliding", 2),)
 
 
+def test_sparse_attention_config_keeps_its_indexer_keys(tmp_path):
+    cfg = {"model_type": "deepseek_v32", "num_hidden_layers": 4, "hidden_size": 1024, "num_attention_heads": 8,
+           "intermediate_size": 4096, "vocab_size": 1000, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+           "qk_nope_head_dim": 128, "v_head_dim": 128, "index_topk": 2048, "index_n_heads": 64,
+           "index_head_dim": 128}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert (m.index_topk, m.index_n_heads, m.index_head_dim) == (2048, 64, 128)
+    # Every cached token keeps its latent and its indexer key (FP8 + a 4-byte scale) in every layer.
+    assert m.kv_bytes_per_token("bf16") == 4 * ((512 + 64) * 2 + 128 + 4)
+    with pytest.raises(ValueError, match="index_topk"):
+        ModelArch(**{**TINY, "index_topk": 2048})
+
+
 def test_tp_halves_kv_bytes_per_gpu():
     m = model("llama-3.1-8b")
     prof = synthetic_profile(1000, 100, qps=1.0, n=50)

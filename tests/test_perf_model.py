@@ -148,6 +148,42 @@ def test_moe_decode_reads_only_touched_experts(h100: GpuSpec) -> None:
     assert pm.step(decode_seqs=1, decode_context_tokens=1000).memory_s < 0.5 * full_s
 
 
+def test_sliding_window_layers_read_and_attend_only_their_window(h100: GpuSpec) -> None:
+    oss = ModelArch(**_load("model", "gpt-oss-120b"))  # 18 of 36 layers slide over 128 tokens
+    full = oss.model_copy(update={"num_sliding_layers": 0, "sliding_window": None})
+    sliding, dense = (_pm(m, h100, "bf16", "bf16") for m in (oss, full))
+    seqs, ctx = 64, 8000
+    a, b = (pm.step(decode_seqs=seqs, decode_context_tokens=seqs * ctx) for pm in (sliding, dense))
+    per_token_s = sliding.kv_bytes_per_token / (h100.hbm_bandwidth_gbps * 1e9 * sliding.params.mbu)
+    # Half the layers read 128 tokens per sequence instead of 8000.
+    assert b.memory_s - a.memory_s == pytest.approx(0.5 * seqs * (ctx - 128) * per_token_s, rel=1e-9)
+    # A prompt shorter than the window attends the same in both; a long one attends far less.
+    short, long_ = causal_context(0, 100), causal_context(0, 8000)
+    assert sliding.step(prefill_tokens=100, prefill_attn_context=short).compute_s == pytest.approx(
+        dense.step(prefill_tokens=100, prefill_attn_context=short).compute_s)
+    assert (sliding.step(prefill_tokens=8000, prefill_attn_context=long_).compute_s
+            < dense.step(prefill_tokens=8000, prefill_attn_context=long_).compute_s)
+
+
+def test_sparse_attention_attends_top_k_but_its_indexer_reads_every_key(h100: GpuSpec) -> None:
+    v3, v32 = (ModelArch(**_load("model", n)) for n in ("deepseek-v3", "deepseek-v3.2"))
+    assert v32.kv_bytes_per_token_layer("fp8") == v3.kv_bytes_per_token_layer("fp8") + 128 + 4  # FP8 key + scale
+    dense, sparse = (_pm(m, h100, "fp8", "fp8", tp=8) for m in (v3, v32))
+    bps = h100.hbm_bandwidth_gbps * 1e9 * dense.params.mbu
+    for ctx in (1000, 32000):
+        a, b = (pm.step(decode_seqs=16, decode_context_tokens=16 * ctx) for pm in (dense, sparse))
+        attended = min(ctx, 2048)
+        latent = dense.kv_bytes_per_token  # per token over all layers
+        expect = b.memory_s - a.memory_s
+        # Sparse: the latent of the top-k only, the indexer's keys of every token (and one new token each).
+        want = 16 * ((attended - ctx) * latent + (ctx + 1) * 61 * 132) / bps
+        assert expect == pytest.approx(want, rel=1e-9)
+    short = {"decode_seqs": 16, "decode_context_tokens": 16 * 1000}
+    assert sparse.step(**short).compute_s > dense.step(**short).compute_s  # the indexer's logits are extra work
+    long_ = {"decode_seqs": 16, "decode_context_tokens": 16 * 32000}
+    assert sparse.step(**long_).memory_s < dense.step(**long_).memory_s
+
+
 def test_smooth_roofline_lies_between_max_and_sum(llama: ModelArch, h100: GpuSpec) -> None:
     shape = dict(prefill_tokens=256, prefill_attn_context=causal_context(0, 256), decode_seqs=64,
                  decode_context_tokens=64 * 2000)

@@ -14,7 +14,7 @@ from tasks.perf_calibration import abs_pct_errors, fit, summarize
 from tasks.perf_model import PerfModel, PerfParams
 from tasks.perf_plan import expected_accepted, spec_decode_step
 from tasks.perf_predict import PRED_COLUMNS, predict_frame
-from tasks.perf_rows import resolve_gpu, resolve_model, resolve_precision
+from tasks.perf_rows import resolve_backend, resolve_gpu, resolve_model, resolve_precision
 from tasks.perf_sim import poisson_trace, simulate
 
 CALIBRATION = REPO_ROOT.parent / "shared" / "calibration" / "measured_agg_h100.csv"
@@ -39,14 +39,25 @@ def _predict(*rows: dict) -> pd.DataFrame:
     ("Qwen/Qwen3-235B-A22B-FP8", "qwen3-235b-a22b"), ("llama-3.1-8b", "llama-3.1-8b"),
     ("nvidia/DeepSeek-V3.1-NVFP4", "deepseek-v3"), ("moonshotai/Kimi-K2.6", "kimi-k2.5"),
     ("nvidia/MiniMax-M2.7-NVFP4", "minimax-m2.5"), ("XiaomiMiMo/MiMo-7B-Base", "mimo-7b"),
+    ("zai-org/GLM-4.6-FP8", "glm-4.5"), ("zai-org/GLM-4.5-Air", "glm-4.5-air"),
+    ("moonshotai/Kimi-K2-Instruct-0905", "kimi-k2"), ("moonshotai/Kimi-K2-Thinking", "kimi-k2.5"),
+    ("MiniMaxAI/MiniMax-M2", "minimax-m2.5"), ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "qwen3-30b-a3b"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "llama-3.1-70b"), ("nvidia/DeepSeek-R1-0528-FP4-v2", "deepseek-v3"),
 ])
 def test_hf_ids_resolve_to_catalogue(hf_id: str, name: str) -> None:
     assert resolve_model(hf_id).name == name
 
 
 def test_systems_and_precisions_resolve() -> None:
-    systems = ("h100_sxm", "H200_SXM", "b200_sxm", "a100_sxm", "l40s", "gb200", "b300_sxm", "gb300")
-    assert [resolve_gpu(s).name for s in systems] == ["h100", "h200", "b200", "a100", "l40s", "b200", "b300", "gb300"]
+    systems = ("h100_sxm", "H200_SXM", "b200_sxm", "a100_sxm", "l40s", "gb200_sxm", "gb200_nvl72", "b300_sxm", "gb300",
+               "h800_sxm", "h20_3e", "rtx_pro_6000_server")
+    assert [resolve_gpu(s).name for s in systems] == ["h100", "h200", "b200", "a100", "l40s", "gb200", "gb200", "b300",
+                                                     "gb300", "h800", "h20-3e", "rtx-pro-6000"]
+    # Dynamo's framework names run the same engines.
+    assert [resolve_backend(b) for b in ("dynamo-trt", "dynamo-sglang", "vllm-disagg", "TensorRT-LLM")] == [
+        "trtllm", "sglang", "vllm", "trtllm"]
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("atom")
     llama = load_model("llama-3.1-8b")
     assert resolve_precision("fp8", "", llama) == ("fp8", None)
     assert resolve_precision(float("nan"), "fp8_block", llama) == ("fp8", None)

@@ -284,7 +284,9 @@ def test_concurrent_requests_share_decode_steps(agg: SimProcess) -> None:
     assert all(len(r.content_chunks()) == 40 and r.done for r in many)
     single_e2e = (single.times[-1] - single.sent) * scale
     batch_e2e = (max(r.times[-1] for r in many) - min(r.sent for r in many)) * scale
-    assert batch_e2e < 3 * single_e2e  # continuous batching, not 32 requests in series
+    # Continuous batching, not 32 requests in series (32x). The engine model alone predicts ~1.3x; the
+    # margin is for 32 concurrent streams' HTTP handling on a 2-core host, stretched by time_scale.
+    assert batch_e2e < 8 * single_e2e
 
 
 def test_pd_ttft_adds_the_kv_transfer(agg: SimProcess, pd: SimProcess) -> None:

@@ -6,14 +6,21 @@ progress thread polls with a 0 ms timeout: every idle NixlConnector vLLM burns o
 stalls for minutes). With a delay the thread blocks in poll() on UCX's event fds, waking at least every
 NIXL_PTHR_DELAY_US (default 1000 us, rounded up to whole ms by NIXL).
 
+It also asks Linux for AMX tile permission at interpreter start (x86-64 only, one syscall). UCX installs
+an alternate signal stack too small for AMX state; once one exists the kernel refuses the permission
+PyTorch requests later, and vLLM's AMX attention kernel (bf16, on CPUs with AMX) dies with SIGILL in the
+decode worker at its first step after a NIXL transfer. Asked before UCX loads, it is granted.
+
 Used by putting this directory on PYTHONPATH of the vLLM processes (spawned workers inherit it); it
 patches lazily, when vLLM first imports nixl, and touches nothing else.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.abc
 import importlib.machinery
 import os
+import platform
 import sys
 
 _TARGETS = {"nixl_cu12._api", "nixl_cu13._api"}
@@ -58,3 +65,16 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 if _DELAY_US > 0:
     sys.meta_path.insert(0, _Finder())
+
+
+def _request_amx_permission() -> None:
+    """arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); a no-op where AMX is absent or refused."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return
+    try:
+        ctypes.CDLL(None).syscall(158, 0x1023, 18)  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except (OSError, AttributeError):
+        pass
+
+
+_request_amx_permission()
