@@ -41,6 +41,13 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
+def ctrl_c_reaches_it() -> None:
+    """Popen preexec_fn for a process a test will Ctrl-C: SIGINT back to its default. A shell without job
+    control starts background jobs with SIGINT ignored (POSIX), and the ignored disposition survives
+    exec, so under `make test &` dolphin would never see the KeyboardInterrupt a terminal delivers."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process group we started, SIGKILL it if it lingers."""
     if proc.poll() is None:

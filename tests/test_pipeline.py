@@ -14,7 +14,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import DOLPHIN, FAST, base_env, engine_processes, free_port, run_dolphin
+from tests.conftest import DOLPHIN, FAST, base_env, ctrl_c_reaches_it, engine_processes, free_port, run_dolphin
 from tasks.paths import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -163,7 +163,8 @@ def test_ui_serves_the_store_on_loopback_and_stops(tmp_path):
     env = base_env(tmp_path)
     port = free_port()
     proc = subprocess.Popen([DOLPHIN, "ui", "--port", str(port)], env=env, cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ctrl_c_reaches_it)
     try:
         line = ""
         deadline = time.monotonic() + 90

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tasks.paths import REPO_ROOT
-from tests.conftest import DOLPHIN, base_env, run_dolphin
+from tests.conftest import DOLPHIN, base_env, ctrl_c_reaches_it, run_dolphin
 from tests.test_pipeline import all_runs, artifact_files, mlflow_client
 
 pytestmark = [
@@ -181,7 +181,8 @@ def test_ctrl_c_during_the_benchmark_stops_vllm(tmp_path):
     # promptly (Prefect's ephemeral server died with the group and left dolphin retrying for minutes), and
     # stops that server and vLLM too.
     proc = subprocess.Popen([DOLPHIN, "run", *SHORT], env=base_env(tmp_path), cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_reaches_it)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not list(Path(tmp_path).glob("artifacts/runs/*/levels.jsonl")):
