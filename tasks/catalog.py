@@ -47,6 +47,7 @@ class GpuSpec(_Spec):
     bf16_tflops: float = Field(gt=0, description="dense BF16/FP16 tensor-core peak")
     fp8_tflops: float | None = Field(None, description="dense FP8 peak; null if the GPU has no FP8")
     int8_tops: float | None = None
+    fp4_tflops: float | None = Field(None, description="dense FP4 (NVFP4/MXFP4 W4A4) peak; Blackwell and later")
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")
     interconnect: Literal["nvlink", "pcie"]
     link_bandwidth_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth, one direction, GB/s")
@@ -57,6 +58,9 @@ class GpuSpec(_Spec):
         if (self.fp8_tflops is not None) != (self.capability >= FP8_MIN_CAPABILITY):
             raise ValueError(f"fp8_tflops must be set exactly when compute_capability >= 8.9 "
                              f"(Ada/Hopper and later); {self.name} has {self.compute_capability}")
+        if self.fp4_tflops is not None and self.capability < (10, 0):
+            raise ValueError(f"fp4_tflops is for Blackwell and later (compute capability >= 10.0); "
+                             f"{self.name} has {self.compute_capability}")
         return self
 
     @property
@@ -84,6 +88,10 @@ class GpuSpec(_Spec):
             if self.fp8_tflops is None:
                 raise ValueError(f"GPU {self.name} has no FP8 tensor cores")
             return self.fp8_tflops * 1e12
+        if compute_dtype == "fp4":
+            if self.fp4_tflops is None:
+                raise ValueError(f"GPU {self.name} has no FP4 tensor cores")
+            return self.fp4_tflops * 1e12
         if compute_dtype == "int8" and self.int8_tops is not None:
             return self.int8_tops * 1e12
         return self.bf16_tflops * 1e12

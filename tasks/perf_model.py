@@ -182,7 +182,8 @@ class PerfModel:
             self._dense_bytes = self.weight_bytes_per_gpu - model.num_experts * self._expert_bytes
 
         # Precomputed per-unit rates so `step` is a handful of multiply-adds.
-        mfu = p.mfu * (p.fp8_gemm_scale if self.compute_dtype == "fp8" else 1.0)
+        # Low-precision tensor cores reach a smaller share of their peak (FP4 borrows FP8's fitted scale).
+        mfu = p.mfu * (p.fp8_gemm_scale if self.compute_dtype in ("fp8", "fp4") else 1.0)
         self._gemm_s_per_token = 2 * self.gemm_params / (gpu.peak_flops(self.compute_dtype) * mfu) / tp
         # FlashAttention runs in bf16 whatever the weights are.
         attn_flops_per_ctx = 4 * model.num_layers * model.num_attention_heads * model.head_dim

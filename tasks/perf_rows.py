@@ -52,9 +52,9 @@ _PRECISIONS = {
     "int8_wo": ("int8", "bf16"), "w8a16": ("int8", "bf16"),
     "int4": ("int4", "bf16"), "int4_wo": ("int4", "bf16"), "awq": ("int4", "bf16"), "gptq": ("int4", "bf16"),
     "w4a16": ("int4", "bf16"), "w4a16_awq": ("int4", "bf16"), "w4afp8": ("int4", "fp8"),
-    # 4-bit floats: 4-bit weights through the fastest tensor cores we have a peak for (FP8; FP4 peaks are
-    # not in the catalogue), an approximation noted in pred_reason-free rows.
-    "nvfp4": ("int4", "fp8"), "fp4": ("int4", "fp8"), "mxfp4": ("int4", "fp8"),
+    # NVFP4 is W4A4: Blackwell's FP4 tensor cores (resolve_row falls back to FP8 on GPUs without them).
+    # A bare "mxfp4" is taken as MXFP4 weights with FP8 activations, as gpt-oss runs them.
+    "nvfp4": ("int4", "fp4"), "fp4": ("int4", "fp4"), "mxfp4": ("int4", "fp8"),
     # aiconfigurator's MoE modes (moe_quant_mode): MXFP4 experts with bf16 or FP8 activations.
     "w4a16_mxfp4": ("int4", "bf16"), "w4a16_mxfp4_cutlass": ("int4", "bf16"), "w4a8_mxfp4_mxfp8": ("int4", "fp8"),
     "w4a8_mxfp4_mxfp8_trtllm": ("int4", "fp8"),
@@ -204,6 +204,8 @@ def resolve_row(row: dict) -> ResolvedRow:
     # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
     kv = "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16"
+    if compute == "fp4" and gpu.fp4_tflops is None:
+        compute = "fp8"  # Hopper and older run NVFP4 checkpoints through their FP8 (or bf16) path
     if compute == "fp8" and not gpu.supports_fp8:
         compute = "bf16"
     mode = _norm(row.get("mode")) or "agg"

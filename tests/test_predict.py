@@ -101,6 +101,25 @@ def test_agg_predictions_follow_physics() -> None:
         32 * 128 / ((r["pred_ttft_ms"] + 127 * r["pred_tpot_ms"]) / 1e3), rel=1e-6)
 
 
+def test_nvfp4_runs_on_fp4_tensor_cores_where_the_gpu_has_them() -> None:
+    ds = load_model("deepseek-v3")
+    assert resolve_precision("nvfp4", "", ds) == ("int4", "fp4")
+    rows = [_row(model_path="nvidia/DeepSeek-R1-FP4", system=s, tp_size=8, isl=8192, batch_size=8, gemm_quant_mode=q)
+            for s in ("b200_sxm", "h200_sxm") for q in ("nvfp4", "w4afp8")]
+    out = _predict(*rows)
+    assert (out["pred_reason"] == "").all()
+    # B200: W4A4 on FP4 cores prefills faster than the same weights with FP8 activations (attention stays
+    # bf16, so less than 2x); H200 has no FP4 cores, so NVFP4 takes its FP8 path: the W4A8 figures exactly.
+    assert out.loc[0, "pred_ttft_ms"] < 0.95 * out.loc[1, "pred_ttft_ms"]
+    assert out.loc[2, "pred_ttft_ms"] == pytest.approx(out.loc[3, "pred_ttft_ms"])
+    b200 = load_gpu("b200")
+    gemm_s = [PerfModel(ds, b200, "int4", "fp8", tp=8, compute_dtype=c).step(prefill_tokens=8192).compute_s
+              for c in ("fp4", "fp8")]
+    assert gemm_s[0] / gemm_s[1] == pytest.approx(b200.fp8_tflops / b200.fp4_tflops)
+    with pytest.raises(ValueError, match="FP4"):
+        load_gpu("h100").peak_flops("fp4")
+
+
 def test_every_catalogue_gpu_and_backend_is_predicted() -> None:
     rows = [_row(system=s, backend=b, tp_size=4) for s in ("h100_sxm", "h200_sxm", "b200_sxm", "a100_sxm", "l40s")
             for b in ("vllm", "sglang", "trtllm")]
