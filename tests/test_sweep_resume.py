@@ -12,8 +12,10 @@ from tests.conftest import FAST, engine_processes, run_dolphin
 
 pytestmark = pytest.mark.integration
 
-# a10: infeasible (bf16 8B + the SLO's KV do not fit; no launch); h100: a real sim measurement.
-SWEEP = ["run", "-m", "gpu=a10,h100", *FAST]
+# a10: infeasible (bf16 8B + the SLO's KV do not fit; no launch); h100: a real sim measurement. The e2el
+# bound is twice the default: the sim measures h100 near 2 s p99 at ~4.6 QPS, and a re-run landing just over
+# the default bound is noise this test is not about (it checks what is re-measured, not the SLO).
+SWEEP = ["run", "-m", "gpu=a10,h100", *FAST, "slo.targets.e2el_ms_p99=4000"]
 
 
 def runs(home) -> tuple[MlflowClient, list, list]:
