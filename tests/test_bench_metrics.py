@@ -260,10 +260,13 @@ def _assert_timing(recs: list[RequestRecord]) -> None:
     for r in recs:
         assert r.ok, r.error
         assert r.output_tokens == N_TOKENS and len(r.itl_s) == N_TOKENS - 1
-        assert TTFT <= r.ttft_s < TTFT + 0.04
-        assert ITL * 0.75 <= r.tpot_s < ITL * 1.75
-        assert ITL * 0.75 <= np.mean(r.itl_s) < ITL * 1.75
-        assert TTFT + (N_TOKENS - 1) * ITL <= r.e2el_s < TTFT + (N_TOKENS - 1) * ITL + 0.08
+        # vLLM's definitions hold exactly; the server's sleeps are lower bounds, and the upper bounds are
+        # loose because a 2-core host running tests in parallel can stall a request by a few hundred ms.
+        assert r.tpot_s == pytest.approx((r.e2el_s - r.ttft_s) / (N_TOKENS - 1), rel=1e-9)
+        assert np.mean(r.itl_s) == pytest.approx(r.tpot_s, rel=0.1)
+        assert TTFT <= r.ttft_s < TTFT + 0.5
+        assert ITL * 0.75 <= r.tpot_s < ITL * 5
+        assert TTFT + (N_TOKENS - 1) * ITL <= r.e2el_s < TTFT + (N_TOKENS - 1) * ITL + 0.5
 
 
 def test_completions_timing(server):
