@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GIB = 1024**3
@@ -95,6 +96,15 @@ class GpuSpec(_Spec):
         if compute_dtype == "int8" and self.int8_tops is not None:
             return self.int8_tops * 1e12
         return self.bf16_tflops * 1e12
+
+    def compute_path(self, compute_dtype: str) -> str:
+        """The tensor-core dtype GEMMs asked to run in `compute_dtype` take here: FP4 without FP4 cores runs
+        the FP8 path, FP8 without FP8 cores the bf16 one."""
+        if compute_dtype == "fp4" and self.fp4_tflops is None:
+            compute_dtype = "fp8"
+        if compute_dtype == "fp8" and not self.supports_fp8:
+            compute_dtype = "bf16"
+        return compute_dtype
 
 
 class ModelArch(_Spec):
@@ -268,13 +278,20 @@ class ModelArch(_Spec):
         token only while it is inside the window; `kv_bytes_for_context` accounts for that)."""
         return self.num_layers * self.kv_bytes_per_token_layer(kv_dtype, tp)
 
-    def kv_bytes_for_context(self, context_tokens: float, kv_dtype: str, tp: int = 1) -> float:
-        """KV bytes on one GPU of one request holding `context_tokens` tokens: full-attention layers
-        keep all of them, sliding-window layers at most `sliding_window`."""
+    def layer_tokens(self, context_sum, queries=1):
+        """Context tokens summed over the layers, for `context_sum` context over `queries` sequences or
+        query rows: full-attention layers keep (and attend) all of it, sliding-window layers at most
+        `sliding_window` per query. Element-wise on numpy arrays; exact when every context passes the
+        window or none does."""
         full = self.num_layers - self.num_sliding_layers
-        windowed = min(context_tokens, self.sliding_window or 0)
-        return (full * context_tokens + self.num_sliding_layers * windowed) * self.kv_bytes_per_token_layer(
-            kv_dtype, tp)
+        if not self.num_sliding_layers:
+            return full * context_sum
+        windowed = np.minimum(context_sum, np.asarray(queries, dtype=float) * self.sliding_window)
+        return full * context_sum + self.num_sliding_layers * windowed
+
+    def kv_bytes_for_context(self, context_tokens: float, kv_dtype: str, tp: int = 1) -> float:
+        """KV bytes on one GPU of one request holding `context_tokens` tokens (see `layer_tokens`)."""
+        return self.layer_tokens(context_tokens) * self.kv_bytes_per_token_layer(kv_dtype, tp)
 
     @classmethod
     def from_hf_config(cls, path: str | Path, name: str | None = None) -> "ModelArch":

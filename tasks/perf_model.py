@@ -165,7 +165,7 @@ class PerfModel:
         # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
         self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers + moe_layers)
         # W8A8 uses FP8 tensor cores; int4 (W4A16) and FP8 on a GPU without FP8 (W8A16) dequantise to bf16.
-        self.compute_dtype = compute_dtype or ("fp8" if weights_dtype == "fp8" and gpu.supports_fp8 else "bf16")
+        self.compute_dtype = compute_dtype or gpu.compute_path("fp8" if weights_dtype == "fp8" else "bf16")
 
         embed = model.vocab_size * model.hidden_size
         # The embedding lookup gathers T rows: it is neither a GEMM nor streamed. Tied, it is the LM head.
@@ -188,15 +188,12 @@ class PerfModel:
         # FlashAttention runs in bf16 whatever the weights are.
         attn_flops_per_ctx = 4 * model.num_layers * model.num_attention_heads * model.head_dim
         self._attn_s_per_ctx = attn_flops_per_ctx / (gpu.peak_flops("bf16") * p.attn_eff) / tp
-        # Sliding-window layers (gpt-oss: every other layer, 128 tokens) attend and read at most the window.
-        self._sliding_share = model.num_sliding_layers / model.num_layers
-        self._window = float(model.sliding_window or 0)
         # Sparse attention (DSA): every layer attends `index_topk` tokens per query, picked by an indexer
         # that scores every cached token with FP8 logits (run whole on each TP rank) and reads its keys.
         self._topk = float(model.index_topk or 0)
         index_flops_per_ctx = 2 * model.num_layers * model.index_n_heads * model.index_head_dim
-        self._index_s_per_ctx = index_flops_per_ctx / (gpu.peak_flops(
-            "fp8" if gpu.supports_fp8 else "bf16") * p.attn_eff) if self._topk else 0.0
+        self._index_s_per_ctx = index_flops_per_ctx / (gpu.peak_flops(gpu.compute_path("fp8"))
+                                                       * p.attn_eff) if self._topk else 0.0
         self._index_bytes_per_token = model.num_layers * model.index_key_bytes / attention_dp
         self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * p.mbu
         self._link_bps = gpu.link_bandwidth_gbps * 1e9 * p.link_eff
@@ -232,12 +229,11 @@ class PerfModel:
             return np.minimum(context_sum, np.asarray(queries, dtype=float) * self._topk)
         return self.held(context_sum, queries)
 
-    def held(self, context_sum, queries):
-        """Cached tokens the layers keep, averaged over them: a sliding-window layer only its window."""
-        if not self._sliding_share:
+    def held(self, context_sum, queries=1):
+        """Cached tokens the layers keep, averaged over them (sliding-window layers: their window)."""
+        if not self.model.num_sliding_layers:
             return context_sum
-        windowed = np.minimum(context_sum, np.asarray(queries, dtype=float) * self._window)
-        return (1 - self._sliding_share) * context_sum + self._sliding_share * windowed
+        return self.model.layer_tokens(context_sum, queries) / self.model.num_layers
 
     def gemm_efficiency(self, tokens):
         """Fraction of the saturated GEMM rate reached at `tokens` tokens per step."""
@@ -284,7 +280,7 @@ class PerfModel:
 
     def kv_bytes_held(self, context_tokens):
         """KV bytes one request holding `context_tokens` keeps on a GPU (a sliding layer: its window)."""
-        return self.kv_bytes_per_token * self.held(context_tokens, 1)
+        return self.kv_bytes_per_token * self.held(context_tokens)
 
     def kv_transfer_s(self, tokens: int) -> float:
         """Moving `tokens` of KV to another instance: each TP rank sends its shard over its own link."""

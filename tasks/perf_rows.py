@@ -204,10 +204,7 @@ def resolve_row(row: dict) -> ResolvedRow:
     # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
     kv = "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16"
-    if compute == "fp4" and gpu.fp4_tflops is None:
-        compute = "fp8"  # Hopper and older run NVFP4 checkpoints through their FP8 (or bf16) path
-    if compute == "fp8" and not gpu.supports_fp8:
-        compute = "bf16"
+    compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path
     mode = _norm(row.get("mode")) or "agg"
     isl, osl = _int(row.get("isl")), _int(row.get("osl"))
     if isl < 1 or osl < 1:

@@ -63,6 +63,7 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
 
 
 def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
+    """Tokens of every layer the KV cache holds; a request of context c takes `pm.held(c)` of them."""
     s = SCHEDULERS[backend]
     weights = pm.weight_bytes_total / pm.tp
     mem = pm.gpu.memory_bytes
@@ -90,8 +91,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     kv = np.maximum(kv, I + O)
     need = I + O if s.reserve_full_context else I + O / 2
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
-    fit = kv * pm.kv_bytes_per_token / pm.kv_bytes_held(need)  # requests the cache holds
-    R = np.maximum(np.minimum(np.minimum(C, max_num_seqs or s.max_seqs), fit), 1.0)
+    R = np.maximum(np.minimum(np.minimum(C, max_num_seqs or s.max_seqs), kv / pm.held(need)), 1.0)
     ctx = I + O / 2
     dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
     group = np.clip(sync * R ** sync_exps[0] * (I / SYNC_ISL_REF) ** sync_exps[1], 1.0, R)
@@ -152,8 +152,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
-    held = pm_d.kv_bytes_held(I + O) / pm_d.kv_bytes_per_token
-    cap = Wd * np.minimum(SCHEDULERS[backend].max_seqs, np.maximum(kv_d / held, 1.0))
+    cap = Wd * np.minimum(SCHEDULERS[backend].max_seqs, np.maximum(kv_d / pm_d.held(I + O), 1.0))
     fits = (max(pm.weight_bytes_total / pm.tp for pm in (pm_p, pm_d))
             < pm_p.gpu.memory_bytes) & (I > 0)
 
