@@ -62,16 +62,22 @@ def compose(overrides: list[str]):
     return resolved, load_config(resolved)
 
 
+def _perf_backend(cfg) -> str:
+    """Whose scheduler and host costs the prediction plays: the sim plays vLLM's."""
+    return "sglang" if cfg.engine.kind == "sglang" else "vllm"
+
+
 def _predict_plan(cfg, choice, plan, profile, qps: float):
     """Predicted TTFT/TPOT/throughput of the planned deployment at `qps` (tasks/perf_plan.py)."""
     from tasks.perf_model import PerfModel
     from tasks.perf_plan import predict_agg, predict_disagg
 
-    backend = "sglang" if cfg.engine.kind == "sglang" else "vllm"  # the sim plays vLLM's scheduler
+    backend = _perf_backend(cfg)
     overhead = cfg.engine.step_overhead_ms / 1000
 
     def perf(tp: int) -> PerfModel:
-        return PerfModel(cfg.model, cfg.gpu, choice.weights_dtype, choice.kv_dtype, tp=tp, step_overhead_s=overhead)
+        return PerfModel(cfg.model, cfg.gpu, choice.weights_dtype, choice.kv_dtype, tp=tp, step_overhead_s=overhead,
+                         backend=backend)
 
     mean_in, mean_out = profile.input_tokens.mean, profile.output_tokens.mean
     deploy = cfg.deploy
@@ -103,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     choice = quant_task.fn(plans, cfg.gpu, cfg.quant, cfg.model, cfg.quality)
     plan = choice.plan
     model = PerfModel(cfg.model, cfg.gpu, choice.weights_dtype, choice.kv_dtype, tp=plan.tp,
-                      step_overhead_s=cfg.engine.step_overhead_ms / 1000)
+                      step_overhead_s=cfg.engine.step_overhead_ms / 1000, backend=_perf_backend(cfg))
     capacity = model.capacity_qps(profile.input_tokens.mean, profile.output_tokens.mean,
                                   plan.knobs.max_num_seqs, plan.kv_capacity_tokens)
     target_qps = cfg.slo.target_qps or profile.mean_qps

@@ -60,6 +60,9 @@ class PerfParams:
     layer_latency_s: float = 0.0
     # Engine behaviour, by backend (also physical: CPU-side scheduling, sampling, detokenisation).
     step_overhead_s: dict | None = None  # {"vllm": s, "sglang": s, "trtllm": s}
+    # CPU time per running sequence per step (scheduling, sampling, detokenising and streaming its token):
+    # host work that does not shrink with TP, so large batches on many GPUs are CPU-bound.
+    seq_overhead_s: dict | None = None
     request_overhead_s: dict | None = None  # fixed TTFT cost: HTTP, tokenisation, first detokenise
     memory_reserve_gib: float = 4.0  # activations, CUDA graphs, NCCL buffers per GPU, off the KV cache
     # Share of a closed loop's concurrent requests whose prompts reach the engine in the same step: a
@@ -86,6 +89,9 @@ class PerfParams:
 
     def overhead(self, backend: str, default: float = 0.002) -> float:
         return (self.step_overhead_s or {}).get(backend, default)
+
+    def seq_overhead(self, backend: str) -> float:
+        return (self.seq_overhead_s or {}).get(backend, 0.0)
 
     def request_overhead(self, backend: str) -> float:
         return (self.request_overhead_s or {}).get(backend, 0.0)
@@ -151,6 +157,7 @@ class PerfModel:
         compute_dtype: str | None = None,
         attention_dp: int = 1,
         expert_dtype: str | None = None,
+        backend: str | None = None,
     ) -> None:
         # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
         self.expert_dtype = model.experts_stored_as(weights_dtype, expert_dtype)
@@ -164,6 +171,8 @@ class PerfModel:
         moe_layers = model.num_layers - model.num_dense_layers if model.is_moe else 0
         # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
         self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers + moe_layers)
+        # Host work per sequence in a step, as the named engine's calibration says (none without one).
+        self.seq_overhead_s = p.seq_overhead(backend) if backend else 0.0
         # W8A8 uses FP8 tensor cores; int4 (W4A16) and FP8 on a GPU without FP8 (W8A16) dequantise to bf16.
         self.compute_dtype = compute_dtype or gpu.compute_path("fp8" if weights_dtype == "fp8" else "bf16")
 
@@ -248,6 +257,7 @@ class PerfModel:
         decode_context_tokens: int = 0,
         tokens_per_decode_seq: int = 1,
         prefill_prefix_tokens: int = 0,
+        prefill_seqs=0,
     ) -> StepCost:
         """Cost of one step.
 
@@ -256,6 +266,7 @@ class PerfModel:
         tokens_per_decode_seq: query tokens per decode sequence (k+1 when verifying k draft tokens).
         prefill_prefix_tokens: KV tokens already cached before each prefill chunk, read by its attention
             (chunked prefill, or a disaggregated decode instance's first step).
+        prefill_seqs: sequences whose prompts the step prefills (default: one if it prefills at all).
         """
         decode_tokens = decode_seqs * tokens_per_decode_seq
         tokens = prefill_tokens + decode_tokens
@@ -269,8 +280,10 @@ class PerfModel:
         kv_bytes = (decode_ctx + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token + index_bytes
         memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
-        seconds = self.bound_s(compute_s, memory_s) + comm_s + self.step_overhead_s
-        return StepCost(seconds, compute_s, memory_s, comm_s, self.step_overhead_s)
+        seqs = decode_seqs + (prefill_seqs if np.any(prefill_seqs) else np.minimum(prefill_tokens, 1))
+        overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs
+        seconds = self.bound_s(compute_s, memory_s) + comm_s + overhead_s
+        return StepCost(seconds, compute_s, memory_s, comm_s, overhead_s)
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """One step prefilling a whole prompt alone (no chunking, no other work)."""

@@ -100,7 +100,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     n_chunks = np.maximum(P / B, 1.0)
     riders = (R - group) if s.mixed else 0.0
     pf = pm.step(prefill_tokens=chunk, prefill_attn_context=chunk / I * causal_context(0, I),
-                 decode_seqs=riders, decode_context_tokens=riders * ctx)
+                 decode_seqs=riders, decode_context_tokens=riders * ctx, prefill_seqs=np.maximum(chunk / I, 1.0))
     t0, tc = np.asarray(dec.seconds, float), np.asarray(pf.seconds, float)
     p0, pc = _parts(dec), _parts(pf)
     own = (n_chunks + 1) / 2  # chunks until a group member's prompt is done, on average

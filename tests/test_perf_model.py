@@ -120,8 +120,24 @@ def test_calibrated_parameters_are_loaded_by_family_and_physical(h100: GpuSpec) 
     assert 0.25 <= p.mfu <= 0.9 and 0.5 <= p.mbu <= 0.95
     assert set(p.step_overhead_s) == {"vllm", "sglang", "trtllm"}
     assert all(0 <= v < 0.05 for v in p.step_overhead_s.values())
+    assert set(p.seq_overhead_s) == {"vllm", "sglang", "trtllm"}
+    assert all(1e-6 <= v <= 2e-4 for v in p.seq_overhead_s.values())  # tens of microseconds of host work
     # A family without its own file borrows the fitted efficiencies as fractions of its own peaks.
     assert load_perf_params("l40s") == p
+
+
+def test_host_work_per_sequence_grows_with_the_batch_whatever_the_tp(llama: ModelArch, h100: GpuSpec) -> None:
+    params = PerfParams(step_overhead_s={"vllm": 0.002}, seq_overhead_s={"vllm": 5e-5})
+    for tp in (1, 8):
+        pm = PerfModel(llama, h100, "bf16", "bf16", tp=tp, params=params, backend="vllm")
+        small, large = (pm.step(decode_seqs=n, decode_context_tokens=n * 1000) for n in (8, 128))
+        assert large.overhead_s - small.overhead_s == pytest.approx(120 * 5e-5)  # not divided by tp
+        # A prefill-only step pays for the sequences it prefills (one by default).
+        assert pm.step(prefill_tokens=512).overhead_s == pytest.approx(pm.step_overhead_s + 5e-5)
+        assert pm.step(prefill_tokens=2048, prefill_seqs=4).overhead_s == pytest.approx(pm.step_overhead_s + 2e-4)
+    # Without a named engine there is no calibrated host work to charge.
+    plain = PerfModel(llama, h100, "bf16", "bf16", params=params)
+    assert plain.step(decode_seqs=128, decode_context_tokens=128_000).overhead_s == pytest.approx(plain.step_overhead_s)
 
 
 def test_gemm_efficiency_curve_saturates(llama: ModelArch, h100: GpuSpec) -> None:

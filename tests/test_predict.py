@@ -253,6 +253,19 @@ def test_calibration_fit_improves_on_its_start_and_predicts_every_row() -> None:
     assert math.isfinite(after["tpot_p90"])
 
 
+@needs_data
+def test_a_parameter_no_row_identifies_rests_at_its_physical_prior() -> None:
+    from tasks.perf_calibration import PRIORS
+
+    df = pd.read_csv(CALIBRATION)
+    bf16_sglang = df[(df["backend"] == "sglang") & (df["isl"] == 1024)].reset_index(drop=True)
+    p = fit(bf16_sglang)
+    # No FP8 row: the FP8 GEMM share is the prior's, not the start value (1.0) or a bound.
+    assert p.fp8_gemm_scale == pytest.approx(PRIORS["fp8_gemm_scale"][0], rel=1e-3)
+    # What the rows do identify still moves: SGLang's own step and per-sequence host costs.
+    assert p.overhead("sglang") != pytest.approx(0.003) and p.seq_overhead("sglang") != pytest.approx(3e-5)
+
+
 def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: PerfModel) -> None:
     from tasks.perf_plan import predict_agg, predict_disagg
 

@@ -67,9 +67,10 @@ class SimSpec(BaseModel):
         return self
 
     def perf_model(self, tp: int | None = None) -> PerfModel:
-        """The step-cost model of one instance at `tp` (default: the aggregated `tp`)."""
+        """The step-cost model of one instance at `tp` (default: the aggregated `tp`); the sim schedules as
+        vLLM does, so it pays vLLM's calibrated host work per sequence."""
         return PerfModel(self.model, self.gpu, self.weights_dtype, self.kv_dtype, tp or self.tp,
-                         self.step_overhead_ms / 1e3)
+                         self.step_overhead_ms / 1e3, backend="vllm")
 
     def write(self, path: str | Path) -> Path:
         p = Path(path)
