@@ -16,11 +16,11 @@ Every function works element-wise on numpy arrays of rows that share one PerfMod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tasks.catalog import GIB
+from tasks.catalog import GIB, GpuSpec
 from tasks.perf_model import PerfModel, StepCost, causal_context
 
 
@@ -41,6 +41,24 @@ SCHEDULERS = {
     "sglang": Scheduler(False, 8192, 1024, 0.88, False, True),
     "trtllm": Scheduler(True, 8192, 2048, 0.90, True, True),
 }
+
+
+def scheduler(backend: str, gpu: GpuSpec) -> Scheduler:
+    """`backend`'s defaults on `gpu`: both engines size their batches by the GPU's memory. vLLM's
+    EngineArgs give its API server 8192 tokens / 1024 sequences on GPUs of >= 70 GiB other than A100, else
+    2048 / 256; SGLang's ServerArgs chunk prompts by 2048 / 4096 / 8192 / 16384 tokens below 35 / 60 / 160
+    GB and above."""
+    s = SCHEDULERS[backend]
+    mem = gpu.memory_gib
+    if backend == "vllm" and (mem < 70 or gpu.name.startswith("a100")):
+        return replace(s, chunk_tokens=2048, max_seqs=256)
+    if backend == "sglang":
+        mb = mem * 1024
+        return replace(s, chunk_tokens=2048 if mb < 35 * 1024 else 4096 if mb < 60 * 1024
+                       else 8192 if mb < 160 * 1024 else 16384)
+    return s
+
+
 PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 
@@ -64,7 +82,7 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
 
 def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
     """Tokens of every layer the KV cache holds; a request of context c takes `pm.held(c)` of them."""
-    s = SCHEDULERS[backend]
+    s = scheduler(backend, pm.gpu)
     weights = pm.weight_bytes_total / pm.tp
     mem = pm.gpu.memory_bytes
     free = (s.mem_frac * (mem - weights - reserve_gib * GIB) if s.frac_of_free
@@ -81,7 +99,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     Rows whose weights do not fit the GPUs come back as NaN; a KV cache estimated below one request is
     taken as one request (the deployment was measured, so it ran).
     """
-    s = SCHEDULERS[backend]
+    s = scheduler(backend, pm.gpu)
     I, O, C = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
     B = float(max_batched_tokens or s.chunk_tokens)
     kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
@@ -152,7 +170,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
-    cap = Wd * np.minimum(SCHEDULERS[backend].max_seqs, np.maximum(kv_d / pm_d.held(I + O), 1.0))
+    cap = Wd * np.minimum(scheduler(backend, pm_d.gpu).max_seqs, np.maximum(kv_d / pm_d.held(I + O), 1.0))
     fits = (max(pm.weight_bytes_total / pm.tp for pm in (pm_p, pm_d))
             < pm_p.gpu.memory_bytes) & (I > 0)
 

@@ -158,6 +158,20 @@ def _disagg(**kw) -> dict:
     return _row(mode="disagg", tp_size=None, **{**pools, **kw})
 
 
+def test_engine_batch_defaults_follow_the_gpus_memory() -> None:
+    from tasks.perf_steady import scheduler
+
+    chunks = {(b, g): scheduler(b, load_gpu(g)).chunk_tokens for b in ("vllm", "sglang", "trtllm")
+              for g in ("a10", "l40s", "a100", "h100", "h200", "b200")}
+    # vLLM's API server: 8192 tokens / 1024 sequences from 70 GiB up except on A100, else 2048 / 256.
+    assert [chunks["vllm", g] for g in ("a10", "l40s", "a100", "h100", "h200", "b200")] == [2048] * 3 + [8192] * 3
+    assert scheduler("vllm", load_gpu("a100")).max_seqs == 256 and scheduler("vllm", load_gpu("h100")).max_seqs == 1024
+    # SGLang's chunked prefill by memory tier: B200's 180 GB chunk 16k.
+    assert [chunks["sglang", g] for g in ("a10", "l40s", "a100", "h100", "h200", "b200")] == [
+        2048, 4096, 8192, 8192, 8192, 16384]
+    assert {chunks["trtllm", g] for g in ("a10", "b200")} == {8192}
+
+
 def test_disagg_rows_are_predicted_and_respond_to_pools() -> None:
     out = _predict(_disagg(batch_size=16), _disagg(batch_size=64), _disagg(batch_size=64, prefill_num_workers=4),
                    _disagg(batch_size=64, decode_tp_size=4))
