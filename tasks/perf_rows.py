@@ -14,7 +14,7 @@ from functools import lru_cache
 from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
 
 # Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
-_SUFFIXES = re.compile(r"(-(instruct|chat|it|base|hf|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|"
+_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|base|hf|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|int4|int8|"
                        r"w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
 # Same architecture under another name: served exactly like the catalogue entry.
 MODEL_ALIASES = {
@@ -34,6 +34,7 @@ MODEL_ALIASES = {
     "deepseek-r1-distill-llama-70b": "llama-3.1-70b", "deepseek-r1-distill-llama-8b": "llama-3.1-8b",
     "deepseek-r1-distill-qwen-32b": "qwen2.5-32b", "deepseek-r1-distill-qwen-14b": "qwen2.5-14b",
     "deepseek-r1-distill-qwen-7b": "qwen2.5-7b", "deepseek-r1-distill-qwen-1.5b": "qwen2.5-1.5b",
+    "qwq-32b": "qwen2.5-32b",  # QwQ's config.json is Qwen2.5-32B's
     # K2-Thinking ships K2.5's INT4 experts; K2-Instruct (conf/model/kimi-k2.yaml) is block FP8.
     "kimi-k2-thinking": "kimi-k2.5",
     "deepseek-v3.2-exp": "deepseek-v3.2", "deepseek-v3.2-speciale": "deepseek-v3.2",

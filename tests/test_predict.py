@@ -43,6 +43,7 @@ def _predict(*rows: dict) -> pd.DataFrame:
     ("moonshotai/Kimi-K2-Instruct-0905", "kimi-k2"), ("moonshotai/Kimi-K2-Thinking", "kimi-k2.5"),
     ("MiniMaxAI/MiniMax-M2", "minimax-m2.5"), ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "qwen3-30b-a3b"),
     ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "llama-3.1-70b"), ("nvidia/DeepSeek-R1-0528-FP4-v2", "deepseek-v3"),
+    ("Qwen/Qwen3-235B-A22B-Thinking-2507", "qwen3-235b-a22b"), ("Qwen/QwQ-32B", "qwen2.5-32b"),
 ])
 def test_hf_ids_resolve_to_catalogue(hf_id: str, name: str) -> None:
     assert resolve_model(hf_id).name == name
