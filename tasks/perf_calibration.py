@@ -42,9 +42,10 @@ SPEC: list[tuple[str, float, float, float]] = [
 LAYER_LATENCY_S = 25e-6
 # Published figures for Hopper serving kernels, as weak priors (centre, log-space width) on the physics the
 # calibration rows barely identify: FlashAttention-3 reaches ~50 % of bf16 peak at 1-4k contexts, decode
-# streams at 80-90 % of HBM peak, serving GEMMs run near 60 % MFU, and an engine keeps a few GiB off the KV
-# cache; an engine's host work per running sequence per step is tens of microseconds. Without them a parameter the data cannot see drifts to a bound and takes another's role (attn_eff
-# swung 0.3 <-> 0.9 between leave-one-out fits), which is exactly what does not carry to other models.
+# streams at 80-90 % of HBM peak, serving GEMMs run near 60 % MFU, an engine keeps a few GiB off the KV
+# cache, and its host work per running sequence per step is tens of microseconds. Without them a parameter
+# the data cannot see drifts to a bound and takes another's role (attn_eff swung 0.3 <-> 0.9 between
+# leave-one-out fits), which is exactly what does not carry to other models.
 PRIORS: dict[str, tuple[float, float]] = {
     "mfu": (0.6, 0.25), "attn_eff": (0.5, 0.3), "mbu": (0.85, 0.1), "kv_read_scale": (0.85, 0.2),
     "fp8_gemm_scale": (0.8, 0.25), "memory_reserve_gib": (4.0, 0.5), "roofline_p": (3.0, 0.7),

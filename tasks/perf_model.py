@@ -1,8 +1,8 @@
 """Roofline cost of one continuous-batching engine step.
 
 A step processes T tokens; its time is the larger of tensor-core time and HBM time (weights streamed once
-per step, KV read by attention and written for new tokens), plus the tensor-parallel all-reduces and a fixed
-scheduler/sampling overhead. GEMM efficiency rises with tokens per step and saturates
+per step, KV read by attention and written for new tokens), plus the tensor-parallel all-reduces and the
+engine's host work (a fixed cost per step and one per sequence in it, however many GPUs). GEMM efficiency rises with tokens per step and saturates
 (`mfu * T / (T + gemm_half_tokens)`); a MoE step reads only the experts its tokens touch. The efficiencies
 are a few physical parameters per GPU family (`PerfParams`), fitted by `tasks/perf_calibration.py` and
 stored in `conf/perf/<family>.yaml`; without a file the named constants below apply.
@@ -257,7 +257,7 @@ class PerfModel:
         decode_context_tokens: int = 0,
         tokens_per_decode_seq: int = 1,
         prefill_prefix_tokens: int = 0,
-        prefill_seqs=0,
+        prefill_seqs=None,
     ) -> StepCost:
         """Cost of one step.
 
@@ -280,7 +280,7 @@ class PerfModel:
         kv_bytes = (decode_ctx + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token + index_bytes
         memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
-        seqs = decode_seqs + (prefill_seqs if np.any(prefill_seqs) else np.minimum(prefill_tokens, 1))
+        seqs = decode_seqs + (np.minimum(prefill_tokens, 1) if prefill_seqs is None else prefill_seqs)
         overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs
         seconds = self.bound_s(compute_s, memory_s) + comm_s + overhead_s
         return StepCost(seconds, compute_s, memory_s, comm_s, overhead_s)

@@ -36,8 +36,7 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
 def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1) -> PerfModel:
     return PerfModel(r.model, r.gpu, r.weights_dtype, r.kv_dtype, tp=tp,
                      step_overhead_s=params.overhead(r.backend), params=params, compute_dtype=r.compute_dtype,
-                     attention_dp=attention_dp, expert_dtype=r.expert_dtype,
-                     backend=r.backend)
+                     attention_dp=attention_dp, expert_dtype=r.expert_dtype, backend=r.backend)
 
 
 def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
