@@ -63,8 +63,10 @@ def compose(overrides: list[str]):
 
 
 def _perf_backend(cfg) -> str:
-    """Whose scheduler and host costs the prediction plays: the sim plays vLLM's."""
-    return "sglang" if cfg.engine.kind == "sglang" else "vllm"
+    """Whose scheduler and host costs the prediction plays (the sim engine plays SIM_BACKEND's)."""
+    from tasks.engines.sim_spec import SIM_BACKEND
+
+    return cfg.engine.kind if cfg.engine.kind in ("vllm", "sglang") else SIM_BACKEND
 
 
 def _predict_plan(cfg, choice, plan, profile, qps: float):

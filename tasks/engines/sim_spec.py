@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.catalog import DTYPE_BYTES, GpuSpec, ModelArch
 from tasks.perf_model import PerfModel
 
+# The sim engine schedules as vLLM does (chunked prefill mixed with decodes), so it plays vLLM's costs.
+SIM_BACKEND = "vllm"
+
 
 class SimSpec(BaseModel):
     """The sim server's whole configuration.
@@ -67,10 +70,10 @@ class SimSpec(BaseModel):
         return self
 
     def perf_model(self, tp: int | None = None) -> PerfModel:
-        """The step-cost model of one instance at `tp` (default: the aggregated `tp`); the sim schedules as
-        vLLM does, so it pays vLLM's calibrated host work per sequence."""
+        """The step-cost model of one instance at `tp` (default: the aggregated `tp`), with the calibrated
+        host work per sequence of the engine the sim plays."""
         return PerfModel(self.model, self.gpu, self.weights_dtype, self.kv_dtype, tp or self.tp,
-                         self.step_overhead_ms / 1e3, backend="vllm")
+                         self.step_overhead_ms / 1e3, backend=SIM_BACKEND)
 
     def write(self, path: str | Path) -> Path:
         p = Path(path)
