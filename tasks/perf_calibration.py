@@ -35,6 +35,7 @@ SPEC: list[tuple[str, float, float, float]] = [
     *[(f"sync_frac.{b}", 0.9 if b == "sglang" else 0.1, 0.0, 1.0) for b in BACKENDS],
     *[(f"sync_conc_exp.{b}", 1.0, 0.0, 1.0) for b in BACKENDS],
     *[(f"sync_isl_exp.{b}", 0.0, 0.0, 1.0) for b in BACKENDS],
+    *[(f"sync_osl_exp.{b}", 0.0, -1.0, 1.0) for b in BACKENDS],
     ("slot_wait.trtllm", 0.1, 0.0, 2.0),  # a TensorRT-LLM trait; the others free slots at once
 ]
 # Not identifiable from one model per backend (layers and backend are confounded in the data), so a
@@ -50,6 +51,8 @@ PRIORS: dict[str, tuple[float, float]] = {
     "mfu": (0.6, 0.25), "attn_eff": (0.5, 0.3), "mbu": (0.85, 0.1), "kv_read_scale": (0.85, 0.2),
     "fp8_gemm_scale": (0.8, 0.25), "memory_reserve_gib": (4.0, 0.5), "roofline_p": (3.0, 0.7),
     **{f"seq_overhead_s.{b}": (3e-5, 1.0) for b in BACKENDS},
+    # An exponent's prior is on its value (centre 0: no dependence), not on its logarithm.
+    **{f"sync_osl_exp.{b}": (0.0, 0.25) for b in BACKENDS},
 }
 PRIOR_WEIGHT = 0.3  # a one-width deviation costs as much as one row predicted 30 % off
 # Per-backend costs an unfitted backend borrows from the fitted ones; how a scheduler groups arrivals is
@@ -106,12 +109,15 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
 
     names = [n for (n, *_), f in zip(SPEC, free) if f]
     prior_at = np.array([i for i, n in enumerate(names) if n in PRIORS], dtype=int)
-    centre = np.log([PRIORS[names[i]][0] for i in prior_at])
+    linear = np.array([names[i].startswith("sync_osl_exp") for i in prior_at], dtype=bool)
+    centre = np.array([PRIORS[names[i]][0] for i in prior_at])
+    centre = np.where(linear, centre, np.log(np.where(linear, 1.0, centre)))
     width = np.array([PRIORS[names[i]][1] for i in prior_at])
 
     def residuals(x: np.ndarray) -> np.ndarray:
         e_ttft, e_tpot = log_errors(predict_resolved(rows, reasons, to_params(expand(x), start)), df)
-        prior = PRIOR_WEIGHT * (np.log(x[prior_at]) - centre) / width
+        v = x[prior_at]
+        prior = PRIOR_WEIGHT * (np.where(linear, v, np.log(np.where(linear, 1.0, v))) - centre) / width
         return np.concatenate([e_ttft, TPOT_WEIGHT * e_tpot, prior])
 
     x0 = full[free]

@@ -74,6 +74,9 @@ class PerfParams:
     # measured TTFTs imply groups growing about as sqrt(R) and with prompt length.
     sync_conc_exp: dict | None = None
     sync_isl_exp: dict | None = None
+    # ... and with the output length (requests whose decodes run longer drift apart before they finish:
+    # a negative exponent; the closed loop then refills them one by one).
+    sync_osl_exp: dict | None = None
     # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM's measured
     # TTFT grows with output length at low concurrency: a slot is freed a request late).
     slot_wait: dict | None = None
@@ -84,8 +87,9 @@ class PerfParams:
     def sync(self, backend: str) -> float:
         return (self.sync_frac or {}).get(backend, 0.1)
 
-    def sync_exps(self, backend: str) -> tuple[float, float]:
-        return (self.sync_conc_exp or {}).get(backend, 1.0), (self.sync_isl_exp or {}).get(backend, 0.0)
+    def sync_exps(self, backend: str) -> tuple[float, float, float]:
+        return ((self.sync_conc_exp or {}).get(backend, 1.0), (self.sync_isl_exp or {}).get(backend, 0.0),
+                (self.sync_osl_exp or {}).get(backend, 0.0))
 
     def overhead(self, backend: str, default: float = 0.002) -> float:
         return (self.step_overhead_s or {}).get(backend, default)
@@ -158,13 +162,14 @@ class PerfModel:
         attention_dp: int = 1,
         expert_dtype: str | None = None,
         backend: str | None = None,
+        pp: int = 1,
     ) -> None:
         # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
         self.expert_dtype = model.experts_stored_as(weights_dtype, expert_dtype)
         for dt in (weights_dtype, kv_dtype, self.expert_dtype):
             if dt not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {dt!r}; use one of {sorted(DTYPE_BYTES)}")
-        self.model, self.gpu, self.tp = model, gpu, tp
+        self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
         self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
@@ -180,11 +185,18 @@ class PerfModel:
         # The embedding lookup gathers T rows: it is neither a GEMM nor streamed. Tied, it is the LM head.
         self.gemm_params = model.active_params - (0 if model.tie_word_embeddings else embed)
         lookup_bytes = 0 if model.tie_word_embeddings else embed * DTYPE_BYTES["bf16"]
-        self.weight_bytes_per_gpu = (self.weight_bytes_total - lookup_bytes) / tp
-        # Per GPU. Attention data parallelism (DeepSeek-style) spreads the requests, hence their KV, over
-        # `attention_dp` groups of tp / attention_dp ranks each.
+        # Attention data parallelism (DeepSeek-style) splits the requests, hence their KV, over
+        # `attention_dp` groups of tp / attention_dp ranks; each group keeps whole attention weights.
         self.attention_dp = attention_dp
-        self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, max(1, tp // attention_dp)) / attention_dp
+        attn_tp = max(1, tp // attention_dp)
+        attn_bytes = model.param_counts()["attention"] * DTYPE_BYTES[weights_dtype]
+        self.weight_bytes_per_gpu = (self.weight_bytes_total - lookup_bytes - attn_bytes) / tp + attn_bytes / attn_tp
+        self.kv_bytes_per_token = model.kv_bytes_per_token(kv_dtype, attn_tp) / attention_dp
+        # Step costs are one pass over every layer on `tp` GPUs: with pipeline parallelism each of the `pp`
+        # stages holds (and streams) its share of the layers, and `pp` micro-batches are in flight at once.
+        # Memory held per GPU, for capacity:
+        self.resident_weight_bytes = (self.weight_bytes_total - attn_bytes) / (tp * pp) + attn_bytes / (attn_tp * pp)
+        self.resident_kv_bytes_per_token = self.kv_bytes_per_token / pp
         # A MoE step streams the dense part and only the routed experts its tokens touch.
         self._expert_bytes = model.expert_params() * DTYPE_BYTES[self.expert_dtype] / tp
         if model.is_moe:
@@ -195,8 +207,18 @@ class PerfModel:
         mfu = p.mfu * (p.fp8_gemm_scale if self.compute_dtype in ("fp8", "fp4") else 1.0)
         self._gemm_s_per_token = 2 * self.gemm_params / (gpu.peak_flops(self.compute_dtype) * mfu) / tp
         # FlashAttention runs in bf16 whatever the weights are.
-        attn_flops_per_ctx = 4 * model.num_layers * model.num_attention_heads * model.head_dim
-        self._attn_s_per_ctx = attn_flops_per_ctx / (gpu.peak_flops("bf16") * p.attn_eff) / tp
+        # Per query row and attended token: QK^T and PV, 2 FLOPs per multiply-add. MLA prefills as plain
+        # attention over its decompressed heads, but decodes "absorbed": every head attends the whole
+        # latent (kv_lora_rank + rope keys), about 3x the FLOPs of a GQA head of its size.
+        h = model.num_attention_heads
+        if model.is_mla:
+            prefill_flops = 2 * h * (model.qk_nope_head_dim + model.qk_rope_head_dim + model.v_head_dim)
+            decode_flops = 2 * h * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+        else:
+            prefill_flops = decode_flops = 4 * h * model.head_dim
+        attn_rate = gpu.peak_flops("bf16") * p.attn_eff * tp / model.num_layers
+        self._attn_s_per_ctx = prefill_flops / attn_rate
+        self._decode_attn_s_per_ctx = decode_flops / attn_rate
         # Sparse attention (DSA): every layer attends `index_topk` tokens per query, picked by an indexer
         # that scores every cached token with FP8 logits (run whole on each TP rank) and reads its keys.
         self._topk = float(model.index_topk or 0)
@@ -271,11 +293,13 @@ class PerfModel:
         decode_tokens = decode_seqs * tokens_per_decode_seq
         tokens = prefill_tokens + decode_tokens
         decode_ctx = self.attended(decode_context_tokens, decode_seqs)
-        attn_ctx = self.attended(prefill_attn_context, prefill_tokens) + decode_ctx * tokens_per_decode_seq
+        prefill_ctx = self.attended(prefill_attn_context, prefill_tokens)
         # A DSA indexer scores (and reads the keys of) every cached token, the attention only the top-k.
         index_ctx = prefill_attn_context + decode_context_tokens * tokens_per_decode_seq
         compute_s = (tokens * self._gemm_s_per_token / self.gemm_efficiency(tokens)
-                     + attn_ctx * self._attn_s_per_ctx + index_ctx * self._index_s_per_ctx)
+                     + prefill_ctx * self._attn_s_per_ctx
+                     + decode_ctx * tokens_per_decode_seq * self._decode_attn_s_per_ctx
+                     + index_ctx * self._index_s_per_ctx)
         index_bytes = (decode_context_tokens - decode_ctx) * self._index_bytes_per_token
         kv_bytes = (decode_ctx + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token + index_bytes
         memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps

@@ -168,7 +168,7 @@ class ResolvedRow:
     isl: int
     osl: int
     concurrency: int
-    tp: int  # GPUs of one aggregated instance
+    tp: int  # GPUs of one pipeline stage of an aggregated instance (or of the decode pool): TP x attention-DP
     prefill_workers: int = 0
     prefill_tp: int = 0
     prefill_batch: int = 0
@@ -177,18 +177,27 @@ class ResolvedRow:
     attn_dp: int = 1  # attention data-parallel groups within one instance (agg, or the decode pool)
     prefill_attn_dp: int = 1
     expert_dtype: str | None = None  # routed experts' dtype when the row names one (moe_quant_mode)
+    pp: int = 1  # pipeline stages of one instance (agg, or the decode pool)
+    prefill_pp: int = 1
 
 
-def _gpus(row: dict, prefix: str) -> int:
-    """GPUs of one instance: tp x attention-DP x pipeline (attention DP replicates attention over ranks)."""
+@dataclass(frozen=True)
+class Parallelism:
+    stage_gpus: int  # GPUs of one pipeline stage
+    attn_dp: int
+    pp: int
+
+
+def _parallelism(row: dict, prefix: str) -> Parallelism:
+    """One instance's layout. aiconfigurator counts tp_size per attention-DP rank (GPUs = tp x dp x pp, and
+    moe_tp x moe_ep = tp x dp); SGLang's own `--tp 8 --dp 8` counts every rank in tp, which the MoE sizes
+    then show (moe_tp x moe_ep = tp)."""
     tp = max(1, _int(row.get(f"{prefix}tp_size"), 1))
     dp = max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
     pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
-    return tp * dp * pp
-
-
-def _dp(row: dict, prefix: str) -> int:
-    return max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
+    moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
+    sglang_counting = dp > 1 and moe == tp and tp % dp == 0
+    return Parallelism(tp if sglang_counting else tp * dp, dp, pp)
 
 
 def resolve_row(row: dict) -> ResolvedRow:
@@ -214,16 +223,18 @@ def resolve_row(row: dict) -> ResolvedRow:
         conc = _int(row.get("batch_size") or row.get("concurrency"))
         if conc < 1:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
-        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, _gpus(row, ""),
-                           attn_dp=_dp(row, ""), expert_dtype=experts)
+        par = _parallelism(row, "")
+        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
+                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp)
     if mode == "disagg":
         pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
-        ptp, dtp = _gpus(row, "prefill_"), _gpus(row, "decode_")
+        pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
         dbs = _int(row.get("decode_batch_size"))
         conc = _int(row.get("batch_size") or row.get("concurrency")) or dbs * max(dw, 1)
         if conc < 1 or pw < 1 or dw < 1:
             raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts")
-        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dtp, pw, ptp,
-                           max(1, _int(row.get("prefill_batch_size"), 1)), dw, dtp, attn_dp=_dp(row, "decode_"),
-                           prefill_attn_dp=_dp(row, "prefill_"), expert_dtype=experts)
+        return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
+                           pre.stage_gpus, max(1, _int(row.get("prefill_batch_size"), 1)), dw, dec.stage_gpus,
+                           attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
+                           prefill_pp=pre.pp)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

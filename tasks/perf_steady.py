@@ -1,9 +1,11 @@
 """Closed-form steady state of a closed-loop benchmark (concurrency C, fixed input/output lengths).
 
 Aggregated: one instance runs R = min(C, KV capacity, max-num-seqs) requests; the others queue. Prompts
-reach the engine in groups of `sync * R^a * (isl/1024)^b` (a closed loop starts them together; how far the
-scheduler keeps them together, and how much more a long prefill step or a large batch gathers, are per-
-backend parameters: SGLang's waves fit a = 1, b = 0; vLLM's staggered arrivals a ~ 0.65, b ~ 0.5). A
+reach the engine in groups of `sync * R^a * (isl/1024)^b * (osl/256)^c` (a closed loop starts them
+together; how far the scheduler keeps them together, how much more a long prefill step or a large batch
+gathers, and how far long decodes drift apart, are per-backend parameters: SGLang's waves fit a = 1 and
+c ~ -0.3; vLLM's staggered arrivals a ~ 0.65, b ~ 0.5). Pipeline stages run micro-batches as virtual
+engines (see `agg_steady`). A
 group's prompts are prefilled in chunks of max-num-batched-tokens; a mixed scheduler (vLLM, TensorRT-LLM)
 carries every running decode in those chunks, SGLang's prefill-first scheduler stalls decodes while it
 prefills. Over one request lifetime the engine runs every group's chunks once and O-1 decode steps; TTFT
@@ -61,6 +63,7 @@ def scheduler(backend: str, gpu: GpuSpec) -> Scheduler:
 
 PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
+SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -83,36 +86,46 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
 def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
     """Tokens of every layer the KV cache holds; a request of context c takes `pm.held(c)` of them."""
     s = scheduler(backend, pm.gpu)
-    weights = pm.weight_bytes_total / pm.tp
+    weights = pm.resident_weight_bytes
     mem = pm.gpu.memory_bytes
     free = (s.mem_frac * (mem - weights - reserve_gib * GIB) if s.frac_of_free
             else s.mem_frac * mem - weights - reserve_gib * GIB)
-    return max(0.0, free) / pm.kv_bytes_per_token
+    return max(0.0, free) / pm.resident_kv_bytes_per_token
+
+
+def fits(*pms: PerfModel) -> bool:
+    """Whether every instance's weights fit its GPUs' memory."""
+    return all(pm.resident_weight_bytes < pm.gpu.memory_bytes for pm in pms)
 
 
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
-               sync: float = 0.1, sync_exps: tuple[float, float] = (1.0, 0.0), slot_wait: float = 0.0,
+               sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0), slot_wait: float = 0.0,
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
 
     Rows whose weights do not fit the GPUs come back as NaN; a KV cache estimated below one request is
-    taken as one request (the deployment was measured, so it ran).
+    taken as one request (the deployment was measured, so it ran). Pipeline parallelism (`pm.pp` > 1)
+    runs `pp` micro-batches at once, each a pass over all the layers: `pp` virtual engines sharing the
+    KV cache, the sequence budget and the closed loop's requests.
     """
     s = scheduler(backend, pm.gpu)
-    I, O, C = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
+    I, O, C_all = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
     B = float(max_batched_tokens or s.chunk_tokens)
     kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
     # Weights that do not fit at all cannot run; a KV estimate below one request is our reserve guess
     # being too large for a deployment that exists, so it runs one request at a time.
-    fits = (pm.weight_bytes_total / pm.tp < pm.gpu.memory_bytes) & (I + O > 0)
-    kv = np.maximum(kv, I + O)
+    ok = fits(pm) & (I + O > 0)
+    engines = np.clip(C_all, 1.0, pm.pp)  # fewer requests than stages leave stages idle
+    C, kv = C_all / engines, np.maximum(kv / engines, I + O)  # one virtual engine's share
     need = I + O if s.reserve_full_context else I + O / 2
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
-    R = np.maximum(np.minimum(np.minimum(C, max_num_seqs or s.max_seqs), kv / pm.held(need)), 1.0)
+    R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) / engines), kv / pm.held(need)), 1.0)
     ctx = I + O / 2
     dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
-    group = np.clip(sync * R ** sync_exps[0] * (I / SYNC_ISL_REF) ** sync_exps[1], 1.0, R)
+    conc_exp, isl_exp, *osl_exp = sync_exps
+    group = np.clip(sync * R ** conc_exp * (I / SYNC_ISL_REF) ** isl_exp
+                    * (O / SYNC_OSL_REF) ** (osl_exp[0] if osl_exp else 0.0), 1.0, R)
     P = group * I  # prompt tokens arriving together
     chunk = np.minimum(B, P)
     n_chunks = np.maximum(P / B, 1.0)
@@ -145,13 +158,15 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     service_ttft = sum(ttft_parts[k] for k in PARTS) + wait_s
     lifetime = service_ttft + (O - 1) * tpot
     # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot; a
-    # runtime that frees a finished request's slot late makes each new one wait `slot_wait` completion gaps.
-    queue = wait_s + (C / R - 1) * lifetime + slot_wait * lifetime / R
+    # runtime that frees a finished request's slot only at the next completion makes each new one wait
+    # `slot_wait` completion gaps (none when it runs alone: no other request completes).
+    running = R * engines
+    queue = wait_s + (C / R - 1) * lifetime + slot_wait * lifetime * np.minimum(running - 1, 1.0) / running
     ttft_parts["queue"] = queue + 0 * tpot
     ttft = sum(ttft_parts[k] for k in PARTS)
-    tok_s = C * O / (ttft + (O - 1) * tpot)
-    nan = np.where(fits, 1.0, np.nan)
-    return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan, "running": R * nan,
+    tok_s = C_all * O / (ttft + (O - 1) * tpot)
+    nan = np.where(ok, 1.0, np.nan)
+    return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan, "running": running * nan,
             "kv_tokens": kv + 0 * R, **{f"ttft_{k}_s": ttft_parts[k] * nan for k in PARTS},
             **{f"tpot_{k}_s": (tpot_parts[k] + 0 * R) * nan for k in PARTS}}
 
@@ -171,15 +186,21 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
     cap = Wd * np.minimum(scheduler(backend, pm_d.gpu).max_seqs, np.maximum(kv_d / pm_d.held(I + O), 1.0))
-    fits = (max(pm.weight_bytes_total / pm.tp for pm in (pm_p, pm_d))
-            < pm_p.gpu.memory_bytes) & (I > 0)
+    ok = fits(pm_p, pm_d) & (I > 0)
+    # Pipeline parallelism: a prompt still passes every stage in turn (latency tau), but `pp` prompts, or
+    # decode micro-batches, are in flight per worker.
+    pp_p, pp_d = pm_p.pp, pm_d.pp
+
+    def micro_batch(n_d):  # sequences per decode micro-batch (fewer than pp_d per worker: one each)
+        per_worker = n_d / Wd
+        return np.maximum(per_worker / np.clip(per_worker, 1.0, pp_d), 1e-9)
 
     def tpot_at(n_d):
-        per = np.maximum(n_d / Wd, 1e-9)
+        per = micro_batch(n_d)
         return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
 
     def ttft_at(x):
-        rho = np.minimum(x * tau / Wp, 0.999)
+        rho = np.minimum(x * tau / (Wp * pp_p), 0.999)
         return request_overhead_s + tau * (1 + rho / (2 * (1 - rho))) + transfer + tpot_at(0 * x + 1), rho
 
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
@@ -195,8 +216,8 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     service, _ = ttft_at(x)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
     tok_s = C * O / (ttft + (O - 1) * tpot)
-    nan = np.where(fits, 1.0, np.nan)
-    per = n_d / Wd
+    nan = np.where(ok, 1.0, np.nan)
+    per = micro_batch(n_d)
     decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)
     first = pm_d.step(decode_seqs=1, decode_context_tokens=ctx)  # the decode instance's first step
     ttft_parts = _mix((1.0, _parts(prefill)), (1.0, _parts(first)))
@@ -205,6 +226,6 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     ttft_parts["queue"] = ttft - sum(ttft_parts[k] for k in PARTS)
     tpot_parts = _mix((1.0, _parts(decode)))
     return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan,
-            "decode_batch": per * nan, "transfer_s": transfer + 0 * ttft,
+            "decode_batch": n_d / Wd * nan, "transfer_s": transfer + 0 * ttft,
             **{f"ttft_{k}_s": (ttft_parts[k] + 0 * ttft) * nan for k in PARTS},
             **{f"tpot_{k}_s": (tpot_parts[k] + 0 * ttft) * nan for k in PARTS}}

@@ -212,7 +212,7 @@ def test_smooth_roofline_lies_between_max_and_sum(llama: ModelArch, h100: GpuSpe
 
 def test_arrival_groups_grow_with_prompt_length_and_batch_as_their_exponents_say(llama: ModelArch,
                                                                                  h100: GpuSpec) -> None:
-    from tasks.perf_steady import SYNC_ISL_REF, agg_steady
+    from tasks.perf_steady import SYNC_ISL_REF, SYNC_OSL_REF, agg_steady
 
     pm = _pm(llama, h100, "bf16", "bf16")
     isl, osl, conc = np.array([SYNC_ISL_REF, 4096.0]), np.array([256.0, 256.0]), np.array([32.0, 32.0])
@@ -225,3 +225,10 @@ def test_arrival_groups_grow_with_prompt_length_and_batch_as_their_exponents_say
     assert longer["ttft_s"][1] > fixed["ttft_s"][1] * 1.1
     # A sub-linear batch exponent: smaller groups at the same share, so less prefill in each TTFT.
     assert (agg_steady(pm, "vllm", isl, osl, conc, sync=0.25, sync_exps=(0.5, 0.0))["ttft_s"] < fixed["ttft_s"]).all()
+    # A negative output exponent: longer decodes drift apart, so fewer prompts arrive together and each
+    # waits behind less prefill; at the reference output length nothing changes.
+    outs = np.array([SYNC_OSL_REF, 4 * SYNC_OSL_REF])
+    args = (pm, "sglang", isl[:1].repeat(2), outs, conc)
+    waves, drift = (agg_steady(*args, sync=1.0, sync_exps=(1.0, 0.0, e)) for e in (0.0, -0.5))
+    assert drift["ttft_s"][0] == pytest.approx(waves["ttft_s"][0])
+    assert drift["ttft_s"][1] < 0.9 * waves["ttft_s"][1]

@@ -154,6 +154,56 @@ def test_moe_experts_take_their_own_dtype() -> None:
     assert dense.loc[0, "pred_tpot_ms"] == dense.loc[1, "pred_tpot_ms"]
 
 
+def test_pipeline_stages_stream_their_layers_in_turn() -> None:
+    """PP splits the layers, not each layer: one sequence passes every stage, so its memory-bound decode
+    step costs what one GPU streaming all the weights costs, where TP splits that stream; at high
+    concurrency the `pp` micro-batches in flight win the throughput back."""
+    llama = dict(model_path="meta-llama/Llama-3.1-70B-Instruct", gemm_quant_mode="fp8", isl=1024, osl=512)
+    out = _predict(*[_row(**llama, batch_size=c, tp_size=tp, pp_size=pp)
+                     for c in (1, 128) for tp, pp in ((2, 1), (1, 2), (1, 1))])
+    assert (out["pred_reason"] == "").all()
+    tp2, pp2, tp1 = out.loc[0], out.loc[1], out.loc[2]
+    assert pp2["pred_tpot_ms"] > 1.5 * tp2["pred_tpot_ms"]
+    assert pp2["pred_tpot_ms"] == pytest.approx(tp1["pred_tpot_ms"], rel=1e-9)  # alone, as on one GPU
+    hot_tp2, hot_pp2 = out.loc[3], out.loc[4]
+    assert hot_pp2["pred_output_tok_per_s"] > 0.6 * hot_tp2["pred_output_tok_per_s"]
+    assert hot_pp2["pred_output_tok_per_s"] > 4 * pp2["pred_output_tok_per_s"]
+
+
+def test_attention_dp_keeps_whole_attention_weights_and_splits_the_kv() -> None:
+    """DeepSeek-R1 on 8 H200: TP8 shards everything and replicates the MLA latent on every rank; DEP8
+    keeps each rank's attention weights whole (slower small-batch decode) but holds 8x the KV per GPU,
+    which carries long prompts at high concurrency. SGLang's `--tp 8 --dp 8` spelling is the same layout."""
+    ds = dict(model_path="deepseek-ai/DeepSeek-R1", system="h200_sxm", backend="sglang", precision="fp8",
+              isl=8192, osl=1024)
+    tp8, dep8, sgl = dict(tp_size=8), dict(tp_size=1, attention_dp_size=8, moe_ep_size=8), dict(
+        tp_size=8, attention_dp_size=8, moe_ep_size=8)
+    out = _predict(*[_row(**ds, **lay, batch_size=c) for c in (1, 256) for lay in (tp8, dep8, sgl)])
+    assert (out["pred_reason"] == "").all()
+    assert out.loc[1, "pred_tpot_ms"] > 1.1 * out.loc[0, "pred_tpot_ms"]
+    assert out.loc[4, "pred_output_tok_per_s"] > 1.2 * out.loc[3, "pred_output_tok_per_s"]
+    assert out.loc[[1, 4], "pred_tpot_ms"].tolist() == out.loc[[2, 5], "pred_tpot_ms"].tolist()
+    h200 = load_gpu("h200")
+    model = load_model("deepseek-v3")
+    attn = model.param_counts()["attention"]  # FP8: one byte each
+    whole, sharded = (PerfModel(model, h200, "fp8", "fp8", tp=8, attention_dp=dp) for dp in (8, 1))
+    assert whole.resident_weight_bytes - sharded.resident_weight_bytes == pytest.approx(attn * 7 / 8)
+    assert sharded.kv_bytes_per_token == 8 * whole.kv_bytes_per_token
+
+
+def test_mla_decodes_absorbed_over_the_latent() -> None:
+    """MLA prefills as 128 heads of 192/128 dims but decodes every head over the 576-dim latent (the
+    absorbed form): decode attention costs (2 * 512 + 64) / (192 + 128) times prefill's per query token."""
+    pm = PerfModel(load_model("deepseek-v3"), load_gpu("h200"), "fp8", "fp8", tp=8)
+    ctx = 1e6
+    decode = pm.step(decode_seqs=1, decode_context_tokens=ctx).compute_s - pm.step(decode_seqs=1).compute_s
+    prefill = (pm.step(prefill_tokens=1, prefill_attn_context=ctx).compute_s
+               - pm.step(prefill_tokens=1).compute_s)
+    assert decode / prefill == pytest.approx((2 * 512 + 64) / (192 + 128), rel=1e-6)
+    gqa = PerfModel(load_model("qwen3-32b"), load_gpu("h200"), "bf16", "bf16", tp=2)
+    assert gqa._decode_attn_s_per_ctx == gqa._attn_s_per_ctx
+
+
 def _disagg(**kw) -> dict:
     pools = dict(prefill_num_workers=2, prefill_tp_size=1, prefill_batch_size=1, decode_num_workers=1, decode_tp_size=2)
     return _row(mode="disagg", tp_size=None, **{**pools, **kw})
@@ -279,6 +329,12 @@ def test_a_parameter_no_row_identifies_rests_at_its_physical_prior() -> None:
     assert p.fp8_gemm_scale == pytest.approx(PRIORS["fp8_gemm_scale"][0], rel=1e-3)
     # What the rows do identify still moves: SGLang's own step and per-sequence host costs.
     assert p.overhead("sglang") != pytest.approx(0.003) and p.seq_overhead("sglang") != pytest.approx(3e-5)
+    # One output length: nothing says how arrivals drift with it, so that exponent stays at its prior, 0
+    # (a prior on the value itself, the exponent being free to change sign).
+    # Below 512 output tokens vLLM has only 128-token rows (without the prior, the fit drifts to -0.3).
+    short = df[df["osl"] < 512].reset_index(drop=True)
+    assert PRIORS["sync_osl_exp.vllm"][0] == 0.0
+    assert abs(fit(short).sync_exps("vllm")[2]) < 0.1
 
 
 def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: PerfModel) -> None:
