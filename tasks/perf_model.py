@@ -81,6 +81,15 @@ class PerfParams:
     # TTFT grows with output length at low concurrency: a slot is freed a request late).
     slot_wait: dict | None = None
 
+    # Serial host time of the serving frontend (HTTP, tokenising, streaming) per request and per output
+    # token: a throughput ceiling, reached by small fast models at high concurrency (trtllm-serve near 50
+    # requests/s and 13k tokens/s on H100 whatever the TP).
+    frontend_request_s: dict | None = None
+    frontend_token_s: dict | None = None
+
+    def frontend(self, backend: str) -> tuple[float, float]:
+        return (self.frontend_request_s or {}).get(backend, 0.0), (self.frontend_token_s or {}).get(backend, 0.0)
+
     def slot(self, backend: str) -> float:
         return (self.slot_wait or {}).get(backend, 0.0)
 

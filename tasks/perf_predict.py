@@ -62,7 +62,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = agg_steady(_perf(r, r.tp, p, r.attn_dp, r.pp), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
-                                 slot_wait=p.slot(r.backend),
+                                 slot_wait=p.slot(r.backend), frontend_s=p.frontend(r.backend),
                                  reserve_gib=p.memory_reserve_gib)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)
@@ -73,7 +73,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 pm_d = _perf(r, r.decode_tp, p, r.attn_dp, r.pp)
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
-                                    reserve_gib=p.memory_reserve_gib, kv_link_gbps=link)
+                                    reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,
+                                    frontend_s=p.frontend(r.backend))
         except (ValueError, ZeroDivisionError) as exc:
             for i in idx:
                 reasons[i] = f"cannot cost: {exc}"

@@ -200,6 +200,16 @@ def _parallelism(row: dict, prefix: str) -> Parallelism:
     return Parallelism(tp if sglang_counting else tp * dp, dp, pp)
 
 
+def _concurrency(row: dict) -> int:
+    """The closed loop's concurrency: `batch_size` (or `concurrency`), else the `silicon_concurrency=N` the
+    measured-data exports record in `silicon_data_source`; 0 when neither says."""
+    stated = _int(row.get("batch_size") or row.get("concurrency"))
+    if stated:
+        return stated
+    found = re.search(r"silicon_concurrency=(\d+)", str(row.get("silicon_data_source") or ""))
+    return int(found.group(1)) if found else 0
+
+
 def resolve_row(row: dict) -> ResolvedRow:
     """Raise ValueError with a one-line reason when the row cannot be modelled."""
     model = resolve_model(row.get("model_path") or row.get("model") or "")
@@ -220,7 +230,7 @@ def resolve_row(row: dict) -> ResolvedRow:
     if isl < 1 or osl < 1:
         raise ValueError("isl and osl must be positive")
     if mode == "agg":
-        conc = _int(row.get("batch_size") or row.get("concurrency"))
+        conc = _concurrency(row)
         if conc < 1:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
         par = _parallelism(row, "")
@@ -230,7 +240,7 @@ def resolve_row(row: dict) -> ResolvedRow:
         pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
         pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
         dbs = _int(row.get("decode_batch_size"))
-        conc = _int(row.get("batch_size") or row.get("concurrency")) or dbs * max(dw, 1)
+        conc = _concurrency(row) or dbs * max(dw, 1)
         if conc < 1 or pw < 1 or dw < 1:
             raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,

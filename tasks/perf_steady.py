@@ -64,6 +64,7 @@ def scheduler(backend: str, gpu: GpuSpec) -> Scheduler:
 PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
+FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -98,11 +99,25 @@ def fits(*pms: PerfModel) -> bool:
     return all(pm.resident_weight_bytes < pm.gpu.memory_bytes for pm in pms)
 
 
+def frontend_wait(cycle, conc, osl, frontend_s: tuple[float, float]):
+    """Extra TTFT when the serving frontend, not the engine, bounds a closed loop whose requests take
+    `cycle` seconds from arrival to last token. A frontend that serialises host work serves at most one
+    request per a + b * osl seconds, so the loop's `conc` requests take at least conc (a + b osl) to
+    cycle; the difference waits in front of the engine. Near saturation the two bottlenecks blend (a
+    smooth maximum, as queues do)."""
+    front = conc * (frontend_s[0] + frontend_s[1] * osl)
+    return cycle * ((1 + (front / cycle) ** FRONTEND_BLEND) ** (1 / FRONTEND_BLEND) - 1)
+
+
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
                sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0), slot_wait: float = 0.0,
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
-               kv_tokens: float | None = None) -> dict[str, np.ndarray]:
+               kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0)
+               ) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
+
+    `frontend_s`: the serving frontend's serial host time per request and per streamed token; when the
+    closed loop asks for more than it serves, requests queue in front of the engine (TTFT grows).
 
     Rows whose weights do not fit the GPUs come back as NaN; a KV cache estimated below one request is
     taken as one request (the deployment was measured, so it ran). Pipeline parallelism (`pm.pp` > 1)
@@ -162,6 +177,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # `slot_wait` completion gaps (none when it runs alone: no other request completes).
     running = R * engines
     queue = wait_s + (C / R - 1) * lifetime + slot_wait * lifetime * np.minimum(running - 1, 1.0) / running
+    queue = queue + frontend_wait(lifetime + queue, C_all, O, frontend_s)
     ttft_parts["queue"] = queue + 0 * tpot
     ttft = sum(ttft_parts[k] for k in PARTS)
     tok_s = C_all * O / (ttft + (O - 1) * tpot)
@@ -173,8 +189,10 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
 
 def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc, prefill_workers,
                   decode_workers, *, request_overhead_s: float = 0.0, reserve_gib: float = 4.0,
-                  kv_link_gbps: float | None = None) -> dict[str, np.ndarray]:
-    """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc`."""
+                  kv_link_gbps: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0)
+                  ) -> dict[str, np.ndarray]:
+    """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` as
+    in `agg_steady`)."""
     I, O, C, Wp, Wd = (np.asarray(x, dtype=float) for x in (isl, osl, conc, prefill_workers, decode_workers))
     ctx = I + O / 2
     prefill = pm_p.step(prefill_tokens=I, prefill_attn_context=causal_context(0, I))
@@ -215,6 +233,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     x = n_d / (np.maximum(O - 1, 1.0) * tpot)
     service, _ = ttft_at(x)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
+    ttft = ttft + frontend_wait(ttft + (O - 1) * tpot, C, O, frontend_s)
     tok_s = C * O / (ttft + (O - 1) * tpot)
     nan = np.where(ok, 1.0, np.nan)
     per = micro_batch(n_d)

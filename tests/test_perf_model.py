@@ -232,3 +232,20 @@ def test_arrival_groups_grow_with_prompt_length_and_batch_as_their_exponents_say
     waves, drift = (agg_steady(*args, sync=1.0, sync_exps=(1.0, 0.0, e)) for e in (0.0, -0.5))
     assert drift["ttft_s"][0] == pytest.approx(waves["ttft_s"][0])
     assert drift["ttft_s"][1] < 0.9 * waves["ttft_s"][1]
+
+
+def test_a_serial_frontend_bounds_only_a_fast_engines_closed_loop(llama: ModelArch, h100: GpuSpec) -> None:
+    from tasks.perf_steady import agg_steady, frontend_wait
+
+    front = (0.015, 6e-5)  # per request, per streamed token
+    assert frontend_wait(1.0, 128, 128, (0.0, 0.0)) == 0.0
+    need = 128 * (0.015 + 6e-5 * 128)  # 2.9 s for the loop's 128 requests to pass the frontend once
+    assert frontend_wait(1.0, 128, 128, front) == pytest.approx(need - 1.0, rel=0.01)
+    assert frontend_wait(10.0, 128, 128, front) < 0.01 * 10.0  # an engine-bound loop barely notices
+    # Llama-8B on 8 H100s at concurrency 128 outruns the frontend: TTFT grows, TPOT (the engine) does not.
+    pm = _pm(llama, h100, "bf16", "bf16", tp=8)
+    args = (pm, "trtllm", np.array([1024.0, 1024.0]), np.array([128.0, 128.0]), np.array([128.0, 4.0]))
+    free, bound = agg_steady(*args), agg_steady(*args, frontend_s=front)
+    assert bound["ttft_s"][0] > free["ttft_s"][0] + 0.5
+    assert bound["tpot_s"][0] == free["tpot_s"][0]
+    assert bound["ttft_s"][1] < free["ttft_s"][1] + 1e-3  # 4 users, far from the cap: under a millisecond

@@ -79,6 +79,11 @@ def test_bad_rows_get_a_reason_and_good_rows_a_prediction() -> None:
     assert (out.loc[1:, "pred_reason"] != "").all()
     assert out.loc[1:, "pred_ttft_ms"].isna().all()
     assert "weights alone exceed" in out.loc[6, "pred_reason"]
+    # No batch_size: the concurrency the export recorded in silicon_data_source, else a reason.
+    src = "source_file=/data/h100_sxm/vllm/0.12.0/Qwen_Qwen3-32B.csv; silicon_concurrency=16"
+    recorded = _predict(_row(), _row(batch_size=None, silicon_data_source=src), _row(batch_size=None))
+    assert recorded.loc[1, "pred_ttft_ms"] == recorded.loc[0, "pred_ttft_ms"]
+    assert "batch_size" in recorded.loc[2, "pred_reason"]
 
 
 def test_agg_predictions_follow_physics() -> None:
