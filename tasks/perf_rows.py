@@ -61,6 +61,7 @@ _PRECISIONS = {
     "w4a8_mxfp4_mxfp8_trtllm": ("int4", "fp8"),
 }
 BACKENDS = ("vllm", "sglang", "trtllm")
+_MODE_ALIASES = {"": "agg", "aggregated": "agg", "ifb": "agg", "disaggregated": "disagg", "pd": "disagg"}
 _BACKEND_ALIASES = {"tensorrt-llm": "trtllm", "tensorrt_llm": "trtllm", "trt-llm": "trtllm", "trt": "trtllm"}
 
 
@@ -225,7 +226,7 @@ def resolve_row(row: dict) -> ResolvedRow:
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
     kv = "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16"
     compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path
-    mode = _norm(row.get("mode")) or "agg"
+    mode = _MODE_ALIASES.get(_norm(row.get("mode")), _norm(row.get("mode")))
     isl, osl = _int(row.get("isl")), _int(row.get("osl"))
     if isl < 1 or osl < 1:
         raise ValueError("isl and osl must be positive")

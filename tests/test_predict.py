@@ -84,6 +84,9 @@ def test_bad_rows_get_a_reason_and_good_rows_a_prediction() -> None:
     recorded = _predict(_row(), _row(batch_size=None, silicon_data_source=src), _row(batch_size=None))
     assert recorded.loc[1, "pred_ttft_ms"] == recorded.loc[0, "pred_ttft_ms"]
     assert "batch_size" in recorded.loc[2, "pred_reason"]
+    spelled = _predict(_row(mode="aggregated"), _disagg(batch_size=16), {**_disagg(batch_size=16), "mode": "Disaggregated"})
+    assert spelled.loc[0, "pred_ttft_ms"] == out.loc[0, "pred_ttft_ms"]
+    assert spelled.loc[2, "pred_ttft_ms"] == spelled.loc[1, "pred_ttft_ms"]
 
 
 def test_agg_predictions_follow_physics() -> None:
