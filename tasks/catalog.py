@@ -116,7 +116,9 @@ class ModelArch(_Spec):
     the first `num_dense_layers` layers dense), sliding-window attention (`num_sliding_layers`
     layers attend to the last `sliding_window` tokens only) and DeepSeek sparse attention (DSA: a
     lightning indexer of `index_n_heads` x `index_head_dim` scores every cached token, each query then
-    attends its `index_topk` best).
+    attends its `index_topk` best) and hybrid models whose `num_linear_layers` token mixers are linear
+    attention or state-space layers (Gated DeltaNet, Mamba2) keeping a fixed state per sequence instead of
+    a KV cache; Nemotron-H-style models whose mixer and MLP are separate blocks set `num_ffn_layers`.
     """
 
     name: str
@@ -133,6 +135,9 @@ class ModelArch(_Spec):
     max_position_embeddings: int = Field(gt=0)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_output_gate: bool = Field(False, description="q_proj also emits a sigmoid gate on the attention "
+                                        "output (Qwen3-Next/3.5): twice the query width")
+    mlp_gated: bool = Field(True, description="SwiGLU (gate, up, down); false: a plain up/down MLP (Nemotron-H)")
     # MLA (multi-head latent attention)
     kv_lora_rank: int | None = Field(None, gt=0)
     q_lora_rank: int | None = Field(None, gt=0)
@@ -145,6 +150,8 @@ class ModelArch(_Spec):
     moe_intermediate_size: int = Field(0, ge=0)
     num_shared_experts: int = Field(0, ge=0)
     num_dense_layers: int = Field(0, ge=0, description="leading layers with a dense MLP in a MoE model")
+    moe_latent_size: int | None = Field(None, gt=0, description="routed experts work in a latent of this width, "
+                                        "projected from and back to hidden (Nemotron-3-Super)")
     expert_dtype: Literal["int4", "fp8"] | None = Field(None, description="routed experts' dtype in the released "
                                                         "checkpoint when it differs from `dtype` (gpt-oss: MXFP4)")
     # Sliding-window attention
@@ -154,6 +161,15 @@ class ModelArch(_Spec):
     index_topk: int | None = Field(None, gt=0, description="tokens each query attends (DSA); null: all")
     index_n_heads: int = Field(0, ge=0)
     index_head_dim: int = Field(0, ge=0)
+    # Hybrid models (Qwen3-Next/3.5: Gated DeltaNet; Nemotron-H: Mamba2). `num_layers` counts the token
+    # mixers; the linear ones cache no tokens, only `linear_state_elems` per sequence.
+    num_linear_layers: int = Field(0, ge=0, description="token mixers that are linear attention / SSM layers")
+    linear_mixer_params: int = Field(0, ge=0, description="parameters of one linear mixer (projections, conv)")
+    linear_state_elems: int = Field(0, ge=0, description="one linear mixer's recurrent + conv state, per sequence")
+    linear_state_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype engines keep that state in "
+                                                        "(config.json `mamba_ssm_dtype`)")
+    num_ffn_layers: int | None = Field(None, ge=0, description="layers with an MLP or MoE; null: every layer "
+                                       "(Nemotron-H interleaves mixer-only and MLP-only blocks)")
     params_b: float | None = Field(None, gt=0, description="published total parameters, billions; a "
                                    "cross-check of the count computed from the architecture")
 
@@ -169,8 +185,12 @@ class ModelArch(_Spec):
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
                              f"({self.num_experts})")
-        if self.num_dense_layers > self.num_layers or self.num_sliding_layers > self.num_layers:
-            raise ValueError("num_dense_layers and num_sliding_layers cannot exceed num_layers")
+        if self.num_sliding_layers + self.num_linear_layers > self.num_layers:
+            raise ValueError("num_sliding_layers + num_linear_layers cannot exceed num_layers")
+        if self.num_dense_layers > self.ffn_layers:
+            raise ValueError("num_dense_layers cannot exceed the layers with an MLP (num_ffn_layers)")
+        if self.num_linear_layers and not (self.linear_mixer_params and self.linear_state_elems):
+            raise ValueError("num_linear_layers > 0 needs linear_mixer_params and linear_state_elems")
         if self.num_sliding_layers and self.sliding_window is None:
             raise ValueError("num_sliding_layers > 0 needs sliding_window")
         if self.index_topk is not None and not (self.is_mla and self.index_n_heads and self.index_head_dim):
@@ -184,6 +204,20 @@ class ModelArch(_Spec):
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def ffn_layers(self) -> int:
+        """Layers with an MLP or MoE block."""
+        return self.num_layers if self.num_ffn_layers is None else self.num_ffn_layers
+
+    @property
+    def moe_layers(self) -> int:
+        return self.ffn_layers - self.num_dense_layers if self.is_moe else 0
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Token mixers with a KV cache (full or sliding-window attention)."""
+        return self.num_layers - self.num_linear_layers
 
     # ------------------------------------------------------------ parameters
     def param_counts(self) -> dict[str, float]:
@@ -200,21 +234,25 @@ class ModelArch(_Spec):
             attn_norms = self.kv_lora_rank + (self.q_lora_rank or 0)
         else:
             q_out, kv_out = self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            attn = h * (q_out + 2 * kv_out) + q_out * h + (q_out + 2 * kv_out) * self.attention_bias
+            q_proj = q_out * (2 if self.attention_output_gate else 1)
+            attn = h * (q_proj + 2 * kv_out) + q_out * h + (q_proj + 2 * kv_out) * self.attention_bias
             attn_norms = 0
-        dense_mlp = 3 * h * self.intermediate_size  # gate, up, down
-        moe_layers = layers - self.num_dense_layers if self.is_moe else 0
-        expert = 3 * h * self.moe_intermediate_size
-        mlp = ((layers - moe_layers) * dense_mlp
-               + moe_layers * (self.num_experts + self.num_shared_experts) * expert)
+        mats = 3 if self.mlp_gated else 2  # (gate,) up, down
+        dense_mlp = mats * h * self.intermediate_size
+        moe_layers = self.moe_layers
+        shared = mats * h * self.moe_intermediate_size
+        latent = 2 * h * self.moe_latent_size if self.moe_latent_size else 0  # in and out projections
+        mlp = ((self.ffn_layers - moe_layers) * dense_mlp
+               + moe_layers * (self.num_shared_experts * shared + latent) + self.num_experts * self.expert_params())
         embed = self.vocab_size * h
+        mixers = self.num_attention_layers * attn + self.num_linear_layers * self.linear_mixer_params
         return {
             "embedding": float(embed),
             "lm_head": 0.0 if self.tie_word_embeddings else float(embed),
-            "attention": float(layers * attn),
+            "attention": float(mixers),
             "mlp": float(mlp),
             "router": float(moe_layers * h * self.num_experts),
-            "norms": float(layers * (2 * h + attn_norms) + h),
+            "norms": float(layers * h + self.ffn_layers * h + self.num_attention_layers * attn_norms + h),
         }
 
     @property
@@ -233,7 +271,8 @@ class ModelArch(_Spec):
         """Parameters of one routed expert summed over the MoE layers (gate, up, down in each)."""
         if not self.is_moe:
             return 0.0
-        return (self.num_layers - self.num_dense_layers) * 3 * self.hidden_size * self.moe_intermediate_size
+        width = self.moe_latent_size or self.hidden_size
+        return self.moe_layers * (3 if self.mlp_gated else 2) * width * self.moe_intermediate_size
 
     def experts_stored_as(self, weights_dtype: str, expert_dtype: str | None = None) -> str:
         """Dtype of the routed experts: `expert_dtype` when given, else the released checkpoint's own
@@ -281,13 +320,17 @@ class ModelArch(_Spec):
     def layer_tokens(self, context_sum, queries=1):
         """Context tokens summed over the layers, for `context_sum` context over `queries` sequences or
         query rows: full-attention layers keep (and attend) all of it, sliding-window layers at most
-        `sliding_window` per query. Element-wise on numpy arrays; exact when every context passes the
+        `sliding_window` per query, linear (state) layers none. Element-wise on numpy arrays; exact when every context passes the
         window or none does."""
-        full = self.num_layers - self.num_sliding_layers
+        full = self.num_attention_layers - self.num_sliding_layers
         if not self.num_sliding_layers:
             return full * context_sum
         windowed = np.minimum(context_sum, np.asarray(queries, dtype=float) * self.sliding_window)
         return full * context_sum + self.num_sliding_layers * windowed
+
+    def linear_state_bytes(self, tp: int = 1) -> float:
+        """Recurrent state one sequence keeps on one GPU over every linear mixer, split by heads across TP."""
+        return self.num_linear_layers * self.linear_state_elems * DTYPE_BYTES[self.linear_state_dtype] / tp
 
     def kv_bytes_for_context(self, context_tokens: float, kv_dtype: str, tp: int = 1) -> float:
         """KV bytes on one GPU of one request holding `context_tokens` tokens (see `layer_tokens`)."""
@@ -321,6 +364,80 @@ class ConfigFileError(ValueError):
     """A model config.json that cannot be read or understood; the message names the file and key."""
 
 
+def _gated_deltanet(cfg: dict) -> tuple[int, int]:
+    """(parameters, state elements per sequence) of one Gated DeltaNet layer (Qwen3-Next/3.5): q, k, v, z and
+    b, a projections, a depthwise causal conv over q, k, v, dt bias, A, the gated norm and out_proj; the
+    state is one dk x dv matrix per value head plus the conv's last kernel-1 inputs."""
+    h, kc = cfg["hidden_size"], cfg["linear_conv_kernel_dim"]
+    nk, dk = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"]
+    nv, dv = cfg["linear_num_value_heads"], cfg["linear_value_head_dim"]
+    key, value = nk * dk, nv * dv
+    conv = 2 * key + value
+    params = h * (2 * key + 2 * value + 2 * nv) + conv * kc + 2 * nv + dv + value * h
+    return params, nv * dk * dv + (kc - 1) * conv
+
+
+def _mamba2(cfg: dict) -> tuple[int, int]:
+    """(parameters, state elements per sequence) of one Mamba2 mixer (Nemotron-H): in_proj to x, z, B, C and
+    dt, a depthwise conv over x, B, C, dt bias, A, D, the gated norm and out_proj; the state is
+    heads x head_dim x ssm_state_size plus the conv's last kernel-1 inputs."""
+    h, kc = cfg["hidden_size"], cfg["conv_kernel"]
+    heads, n = cfg["mamba_num_heads"], cfg["ssm_state_size"]
+    inner = heads * cfg["mamba_head_dim"]
+    conv = inner + 2 * cfg["n_groups"] * n
+    bias = h if cfg.get("use_bias") else 0
+    params = (h * (inner + conv + heads) + conv * kc + conv * bool(cfg.get("use_conv_bias", True))
+              + 3 * heads + inner + inner * h + bias)
+    return params, heads * cfg["mamba_head_dim"] * n + (kc - 1) * conv
+
+
+def _hybrid_fields(cfg: dict) -> dict:
+    """Linear-mixer fields of a hybrid config (Qwen3-Next/3.5 `layer_types`, Nemotron-H
+    `hybrid_override_pattern`); empty for a plain transformer."""
+    types = cfg.get("layer_types") or []
+    if "linear_attention" in types:
+        linear = types.count("linear_attention")
+    elif "full_attention_interval" in cfg and "linear_num_value_heads" in cfg:  # Qwen3-Next: every Nth is full
+        n = cfg["full_attention_interval"]
+        linear = sum((i + 1) % n != 0 for i in range(cfg["num_hidden_layers"]))
+    else:
+        linear = 0
+    ssm_dtype = cfg.get("mamba_ssm_dtype") or cfg.get("mamba_ssm_cache_dtype") or ""
+    state_dtype = "fp32" if str(ssm_dtype) in ("float32", "fp32") else "bf16"
+    if linear:
+        params, state = _gated_deltanet(cfg)
+        return dict(num_linear_layers=linear, linear_mixer_params=params, linear_state_elems=state,
+                    linear_state_dtype=state_dtype, attention_output_gate=bool(cfg.get("attn_output_gate", True)))
+    if cfg.get("block_configs"):  # Nemotron-NAS (DeciLM): per block, attention or none, FFNs of many widths
+        return _nas_fields(cfg)
+    pattern = cfg.get("hybrid_override_pattern")
+    if pattern:  # M: Mamba2, *: attention, -: MLP, E: MoE, each its own block
+        params, state = _mamba2(cfg)
+        return dict(num_layers=pattern.count("M") + pattern.count("*"), num_linear_layers=pattern.count("M"),
+                    linear_mixer_params=params, linear_state_elems=state, linear_state_dtype=state_dtype,
+                    num_ffn_layers=pattern.count("-") + pattern.count("E"),
+                    num_dense_layers=pattern.count("-") if "E" in pattern else 0, mlp_gated=False)
+    return {}
+
+
+def _nas_fields(cfg: dict) -> dict:
+    """Nemotron-NAS blocks as this schema counts them: `num_layers` the blocks that attend, `num_ffn_layers`
+    those with an FFN, whose width is averaged (FLOPs and bytes are linear in it). DeciLM's FFN width is
+    2/3 x ffn_mult x hidden rounded up to 256; KV heads are heads / n_heads_in_group."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    blocks = cfg["block_configs"]
+    if any(b["attention"].get("replace_with_linear") or b["ffn"].get("replace_with_linear") for b in blocks):
+        raise KeyError("block_configs without replace_with_linear")
+    attn = [b["attention"] for b in blocks if not b["attention"].get("no_op")]
+    ffn = [b["ffn"] for b in blocks if not b["ffn"].get("no_op")]
+    groups = {a["n_heads_in_group"] for a in attn}
+    if len(groups) != 1:
+        raise KeyError("one n_heads_in_group for every attention block")
+    widths = [-(-int(2 * f["ffn_mult"] * h / 3) // 256) * 256 for f in ffn]
+    return dict(num_layers=len(attn), num_kv_heads=heads // groups.pop(), num_ffn_layers=len(ffn),
+                intermediate_size=round(sum(widths) / len(widths)))
+
+
 def _sliding_layers(cfg: dict, layers: int) -> int:
     """How many layers use sliding-window attention, by the conventions of each model family."""
     if "layer_types" in cfg:
@@ -352,8 +469,10 @@ def _hf_fields(cfg: dict) -> dict:
         num_attention_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
         # HF's own default when a config omits head_dim (Llama, Mistral, Qwen2); Qwen3 and Gemma set it.
-        head_dim=cfg.get("head_dim") or hidden // heads,
-        intermediate_size=cfg["intermediate_size"],
+        head_dim=cfg.get("head_dim") or cfg.get("attention_head_dim") or hidden // heads,
+        # All-MoE configs (Qwen3.5-MoE) give no dense width; it is then unused.
+        intermediate_size=(cfg.get("intermediate_size") or cfg.get("moe_intermediate_size")
+                           or (0 if cfg.get("block_configs") else cfg["intermediate_size"])),
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -370,13 +489,19 @@ def _hf_fields(cfg: dict) -> dict:
             fields.update(index_topk=cfg["index_topk"], index_n_heads=cfg["index_n_heads"],
                           index_head_dim=cfg["index_head_dim"])
     if experts:
+        moe_width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        # Qwen2/3-Next and Nemotron-H give the shared expert's width, in units of a routed expert here.
+        shared_width = (cfg.get("shared_expert_intermediate_size")
+                        or cfg.get("moe_shared_expert_intermediate_size") or 0)
         fields.update(
             num_experts=experts,
             num_experts_per_tok=cfg["num_experts_per_tok"],
-            moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
-            num_shared_experts=cfg.get("n_shared_experts") or 0,
+            moe_intermediate_size=moe_width,
+            num_shared_experts=round(shared_width / moe_width) if shared_width else cfg.get("n_shared_experts") or 0,
+            moe_latent_size=cfg.get("moe_latent_size"),
             num_dense_layers=cfg.get("first_k_dense_replace") or len(cfg.get("mlp_only_layers") or []),
         )
+    fields.update(_hybrid_fields(cfg))
     return fields
 
 

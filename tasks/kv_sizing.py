@@ -102,6 +102,9 @@ def vllm_kv_capacity(model: ModelArch, kv_bytes: float, kv_dtype: str, tp: int, 
         raise ValueError(f"block_size={block_size} must be >= 1")
     if max_model_len < 1:
         raise ValueError(f"max_model_len={max_model_len} must be >= 1")
+    if model.num_linear_layers:
+        raise ValueError(f"model {model.name} has linear-attention/SSM layers: vLLM's hybrid state allocator "
+                         "is not modelled here; size its KV cache with vLLM itself (gpu_memory_utilization)")
     groups = kv_groups(model, hybrid)
     page = block_size * model.kv_bytes_per_token_layer(kv_dtype, tp)
     bytes_per_block = page * max(n for _, n in groups)

@@ -32,6 +32,9 @@ ALLREDUCE_LATENCY_S = {"nvlink": 8e-6, "pcie": 25e-6}
 KV_TRANSFER_LATENCY_S = 0.5e-3
 # Activations exchanged by all-reduce are 16-bit whatever the weight dtype.
 ACT_BYTES = 2.0
+# FLOPs per state element per token of a linear-attention / SSM layer (Gated DeltaNet: S^T k, the rank-1
+# update, the decay and the S^T q readout, ~2 each; Mamba2's scan is of the same order).
+LINEAR_FLOPS_PER_STATE_ELEM = 6.0
 
 # GPU families sharing kernels and calibration (conf/perf/<family>.yaml).
 GPU_FAMILY = {"h100": "hopper", "h200": "hopper", "h20": "hopper", "h20-3e": "hopper", "h800": "hopper",
@@ -182,7 +185,7 @@ class PerfModel:
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
         self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
-        moe_layers = model.num_layers - model.num_dense_layers if model.is_moe else 0
+        moe_layers = model.moe_layers
         # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
         self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers + moe_layers)
         # Host work per sequence in a step, as the named engine's calibration says (none without one).
@@ -206,6 +209,10 @@ class PerfModel:
         # Memory held per GPU, for capacity:
         self.resident_weight_bytes = (self.weight_bytes_total - attn_bytes) / (tp * pp) + attn_bytes / (attn_tp * pp)
         self.resident_kv_bytes_per_token = self.kv_bytes_per_token / pp
+        # Linear-attention / SSM layers keep a fixed state per sequence, read and rewritten every decode
+        # step; it shares the KV pool, counted as `state_tokens` tokens' worth of KV.
+        self.state_bytes = model.linear_state_bytes(attn_tp) / attention_dp
+        self.state_tokens = self.state_bytes / self.kv_bytes_per_token
         # A MoE step streams the dense part and only the routed experts its tokens touch.
         self._expert_bytes = model.expert_params() * DTYPE_BYTES[self.expert_dtype] / tp
         if model.is_moe:
@@ -228,6 +235,9 @@ class PerfModel:
         attn_rate = gpu.peak_flops("bf16") * p.attn_eff * tp / model.num_layers
         self._attn_s_per_ctx = prefill_flops / attn_rate
         self._decode_attn_s_per_ctx = decode_flops / attn_rate
+        # A linear mixer updates, decays and reads its state once per token: a few FLOPs per element.
+        self._linear_s_per_token = (LINEAR_FLOPS_PER_STATE_ELEM * model.num_linear_layers * model.linear_state_elems
+                                    / (gpu.peak_flops("bf16") * p.attn_eff * tp))
         # Sparse attention (DSA): every layer attends `index_topk` tokens per query, picked by an indexer
         # that scores every cached token with FP8 logits (run whole on each TP rank) and reads its keys.
         self._topk = float(model.index_topk or 0)
@@ -238,7 +248,7 @@ class PerfModel:
         self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * p.mbu
         self._link_bps = gpu.link_bandwidth_gbps * 1e9 * p.link_eff
         # 2 all-reduces per layer (after attention and after the MLP), ring algorithm.
-        calls = 2 * model.num_layers
+        calls = model.num_layers + model.ffn_layers
         ring = 2 * (tp - 1) / tp
         self._comm_s_per_token = calls * ring * model.hidden_size * ACT_BYTES / self._link_bps
         # PCIe all-reduces cannot be faster than their own latency floor, whatever family file stands in.
@@ -270,8 +280,9 @@ class PerfModel:
         return self.held(context_sum, queries)
 
     def held(self, context_sum, queries=1):
-        """Cached tokens the layers keep, averaged over them (sliding-window layers: their window)."""
-        if not self.model.num_sliding_layers:
+        """Cached tokens the layers keep, averaged over them (sliding-window layers: their window, linear
+        layers: none)."""
+        if not (self.model.num_sliding_layers or self.model.num_linear_layers):
             return context_sum
         return self.model.layer_tokens(context_sum, queries) / self.model.num_layers
 
@@ -308,12 +319,18 @@ class PerfModel:
         compute_s = (tokens * self._gemm_s_per_token / self.gemm_efficiency(tokens)
                      + prefill_ctx * self._attn_s_per_ctx
                      + decode_ctx * tokens_per_decode_seq * self._decode_attn_s_per_ctx
-                     + index_ctx * self._index_s_per_ctx)
+                     + index_ctx * self._index_s_per_ctx
+                     + tokens * self._linear_s_per_token)
         index_bytes = (decode_context_tokens - decode_ctx) * self._index_bytes_per_token
-        kv_bytes = (decode_ctx + prefill_prefix_tokens + tokens) * self.kv_bytes_per_token + index_bytes
-        memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale) / self._hbm_bps
+        # New tokens' KV is written in every attention layer (a linear layer updates its state instead).
+        written = self.held(tokens, tokens)
+        kv_bytes = (decode_ctx + prefill_prefix_tokens + written) * self.kv_bytes_per_token + index_bytes
+        prefilling = np.minimum(prefill_tokens, 1) if prefill_seqs is None else prefill_seqs
+        state_bytes = self.state_bytes * (2 * decode_seqs + prefilling)  # decode: read and rewrite
+        memory_s = (self.weights_read_bytes(tokens) + kv_bytes / self.params.kv_read_scale
+                    + state_bytes) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
-        seqs = decode_seqs + (np.minimum(prefill_tokens, 1) if prefill_seqs is None else prefill_seqs)
+        seqs = decode_seqs + prefilling
         overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs
         seconds = self.bound_s(compute_s, memory_s) + comm_s + overhead_s
         return StepCost(seconds, compute_s, memory_s, comm_s, overhead_s)
@@ -328,9 +345,15 @@ class PerfModel:
         """KV bytes one request holding `context_tokens` keeps on a GPU (a sliding layer: its window)."""
         return self.kv_bytes_per_token * self.held(context_tokens)
 
+    def footprint(self, context_tokens):
+        """KV-cache tokens (of every layer) one request holding `context_tokens` occupies, its linear
+        layers' state included."""
+        return self.held(context_tokens) + self.state_tokens
+
     def kv_transfer_s(self, tokens: int) -> float:
-        """Moving `tokens` of KV to another instance: each TP rank sends its shard over its own link."""
-        return self.kv_bytes_held(tokens) / self._link_bps + KV_TRANSFER_LATENCY_S
+        """Moving `tokens` of KV (and the linear layers' state) to another instance: each TP rank sends
+        its shard over its own link."""
+        return (self.kv_bytes_held(tokens) + self.state_bytes) / self._link_bps + KV_TRANSFER_LATENCY_S
 
     def capacity_qps(
         self, mean_input: float, mean_output: float, max_num_seqs: int, kv_capacity_tokens: int

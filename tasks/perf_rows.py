@@ -14,7 +14,7 @@ from functools import lru_cache
 from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
 
 # Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
-_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|base|hf|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|"
+_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|"
                        r"int4|int8|w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
 # Same architecture under another name: served exactly like the catalogue entry.
 MODEL_ALIASES = {
@@ -38,6 +38,8 @@ MODEL_ALIASES = {
     # K2-Thinking ships K2.5's INT4 experts; K2-Instruct (conf/model/kimi-k2.yaml) is block FP8.
     "kimi-k2-thinking": "kimi-k2.5",
     "deepseek-v3.2-exp": "deepseek-v3.2", "deepseek-v3.2-speciale": "deepseek-v3.2",
+    # Vision-language releases: the text model is the catalogue entry's (config.json text_config).
+    "qwen3-vl-235b-a22b": "qwen3-235b-a22b", "qwen3-vl-30b-a3b": "qwen3-30b-a3b",
 }
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
 GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",

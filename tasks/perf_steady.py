@@ -85,7 +85,7 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
 
 
 def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
-    """Tokens of every layer the KV cache holds; a request of context c takes `pm.held(c)` of them."""
+    """Tokens of every layer the KV cache holds; a request of context c takes `pm.footprint(c)` of them."""
     s = scheduler(backend, pm.gpu)
     weights = pm.resident_weight_bytes
     mem = pm.gpu.memory_bytes
@@ -135,7 +135,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     C, kv = C_all / engines, np.maximum(kv / engines, I + O)  # one virtual engine's share
     need = I + O if s.reserve_full_context else I + O / 2
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
-    R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) / engines), kv / pm.held(need)), 1.0)
+    R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) / engines), kv / pm.footprint(need)), 1.0)
     ctx = I + O / 2
     dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
     conc_exp, isl_exp, *osl_exp = sync_exps
@@ -203,7 +203,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
-    cap = Wd * np.minimum(scheduler(backend, pm_d.gpu).max_seqs, np.maximum(kv_d / pm_d.held(I + O), 1.0))
+    cap = Wd * np.minimum(scheduler(backend, pm_d.gpu).max_seqs, np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
     ok = fits(pm_p, pm_d) & (I > 0)
     # Pipeline parallelism: a prompt still passes every stage in turn (latency tau), but `pp` prompts, or
     # decode micro-batches, are in flight per worker.

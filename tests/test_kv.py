@@ -256,3 +256,53 @@ def test_kv_cli_with_a_gpu_matches_the_plan():
     prof = profile_trace(read_trace(REPO_ROOT / "data" / "traces" / "azure_llm_2023_code.csv"), "azure")
     plan = plan_memory(model("llama-3.1-8b"), gpu("h100"), AGG, prof, SLO, "bf16", "bf16")
     assert out["num_blocks"] == plan.kv_num_blocks and out["kv_gib"] == pytest.approx(plan.kv_capacity_gib)
+
+
+def test_hybrid_configs_count_linear_mixers_and_their_state(tmp_path):
+    # Qwen3-Next style: Gated DeltaNet everywhere but every 4th layer, gated full attention there.
+    gdn = {"model_type": "qwen3_next", "num_hidden_layers": 8, "hidden_size": 1024, "num_attention_heads": 8,
+           "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 2048, "vocab_size": 1000,
+           "max_position_embeddings": 4096, "full_attention_interval": 4, "linear_conv_kernel_dim": 4,
+           "linear_num_key_heads": 4, "linear_key_head_dim": 64, "linear_num_value_heads": 8,
+           "linear_value_head_dim": 64, "mamba_ssm_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(gdn))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert (m.num_layers, m.num_linear_layers, m.num_attention_layers) == (8, 6, 2)
+    key, value = 4 * 64, 8 * 64
+    conv = 2 * key + value
+    assert m.linear_mixer_params == 1024 * (2 * key + 2 * value + 2 * 8) + conv * 4 + 2 * 8 + 64 + value * 1024
+    assert m.linear_state_elems == 8 * 64 * 64 + 3 * conv and m.linear_state_dtype == "fp32"
+    assert m.linear_state_bytes(tp=2) == 6 * m.linear_state_elems * 4 / 2
+    # Only the two attention layers cache tokens; their q_proj also emits the output gate.
+    assert m.kv_bytes_for_context(1000, "bf16") == 2 * 1000 * 2 * 2 * 128 * 2
+    q, kv = 8 * 128, 2 * 128
+    assert m.param_counts()["attention"] == 2 * (1024 * (2 * q + 2 * kv) + q * 1024) + 6 * m.linear_mixer_params
+    with pytest.raises(ValueError, match="linear-attention"):
+        vllm_kv_capacity(m, GIB, "bf16", 1, 16, 4096)
+
+
+def test_nemotron_h_blocks_and_nas_blocks(tmp_path):
+    # Nemotron-H: one mixer (M Mamba2, * attention) or one FFN (- relu2 MLP, E MoE) per block.
+    nh = {"model_type": "nemotron_h", "num_hidden_layers": 8, "hybrid_override_pattern": "MEM*EMEE",
+          "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+          "intermediate_size": 256, "moe_intermediate_size": 256, "moe_shared_expert_intermediate_size": 512,
+          "n_routed_experts": 16, "num_experts_per_tok": 2, "n_shared_experts": 1, "vocab_size": 1000,
+          "max_position_embeddings": 4096, "mamba_num_heads": 16, "mamba_head_dim": 64, "ssm_state_size": 128,
+          "n_groups": 2, "conv_kernel": 4, "use_conv_bias": True, "mamba_ssm_cache_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(nh))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert (m.num_layers, m.num_linear_layers, m.ffn_layers, m.moe_layers) == (4, 3, 4, 4)
+    assert (m.mlp_gated, m.num_shared_experts) == (False, 2)  # a 512-wide shared expert is two 256-wide ones
+    conv = 16 * 64 + 2 * 2 * 128
+    assert m.linear_state_elems == 16 * 64 * 128 + 3 * conv
+    assert m.expert_params() == 4 * 2 * 512 * 256  # up and down only
+    # Nemotron-NAS: blocks without attention do not count as layers; FFN widths average.
+    blocks = [{"attention": {"no_op": False, "n_heads_in_group": 4}, "ffn": {"ffn_mult": 3.0}},
+              {"attention": {"no_op": True, "n_heads_in_group": None}, "ffn": {"ffn_mult": 1.5}}]
+    nas = {"model_type": "nemotron-nas", "num_hidden_layers": 2, "hidden_size": 1024, "num_attention_heads": 8,
+           "num_key_value_heads": None, "intermediate_size": None, "vocab_size": 1000,
+           "max_position_embeddings": 4096, "block_configs": blocks}
+    (tmp_path / "config.json").write_text(json.dumps(nas))
+    m = ModelArch.from_hf_config(tmp_path)
+    assert (m.num_layers, m.ffn_layers, m.num_kv_heads) == (1, 2, 2)
+    assert m.intermediate_size == (2048 + 1024) / 2  # 2/3 x mult x hidden, rounded up to 256

@@ -249,3 +249,23 @@ def test_a_serial_frontend_bounds_only_a_fast_engines_closed_loop(llama: ModelAr
     assert bound["ttft_s"][0] > free["ttft_s"][0] + 0.5
     assert bound["tpot_s"][0] == free["tpot_s"][0]
     assert bound["ttft_s"][1] < free["ttft_s"][1] + 1e-3  # 4 users, far from the cap: under a millisecond
+
+
+def test_linear_attention_layers_keep_a_state_not_a_kv_cache(h100: GpuSpec) -> None:
+    """Qwen3.5-27B: 16 of 64 layers attend (and cache KV); the other 48 are Gated DeltaNet layers whose fp32
+    state each decode step reads and rewrites, whatever the context."""
+    m = ModelArch(**_load("model", "qwen3.5-27b"))
+    assert (m.num_attention_layers, m.num_linear_layers) == (16, 48)
+    pm = _pm(m, h100, "bf16", "bf16", tp=2)
+    assert pm.state_bytes == 48 * m.linear_state_elems * 4 / 2
+    bps = h100.hbm_bandwidth_gbps * 1e9 * pm.params.mbu
+    ctx = 6000
+    a, b = (pm.step(decode_seqs=n, decode_context_tokens=n * ctx) for n in (16, 32))
+    kv = (ctx + 1) * pm.kv_bytes_per_token * 16 / 64 / pm.params.kv_read_scale
+    assert b.memory_s - a.memory_s == pytest.approx(16 * (kv + 2 * pm.state_bytes) / bps, rel=1e-9)
+    # In the KV pool a request takes its context in the attention layers plus its state.
+    assert pm.footprint(ctx) == pytest.approx(ctx * 16 / 64 + pm.state_bytes / pm.kv_bytes_per_token)
+    # With every layer attending (same weights otherwise), long contexts read far more.
+    dense = _pm(m.model_copy(update={"num_linear_layers": 0}), h100, "bf16", "bf16", tp=2)
+    long_ = {"decode_seqs": 32, "decode_context_tokens": 32 * 32000}
+    assert pm.step(**long_).memory_s < 0.5 * dense.step(**long_).memory_s

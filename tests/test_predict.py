@@ -44,6 +44,13 @@ def _predict(*rows: dict) -> pd.DataFrame:
     ("MiniMaxAI/MiniMax-M2", "minimax-m2.5"), ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "qwen3-30b-a3b"),
     ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B", "llama-3.1-70b"), ("nvidia/DeepSeek-R1-0528-FP4-v2", "deepseek-v3"),
     ("Qwen/Qwen3-235B-A22B-Thinking-2507", "qwen3-235b-a22b"), ("Qwen/QwQ-32B", "qwen2.5-32b"),
+    # Hybrid (linear-attention / Mamba2) and NAS models, and a vision-language release's text model.
+    ("Qwen/Qwen3-Next-80B-A3B-Instruct", "qwen3-next-80b-a3b"), ("Qwen/Qwen3.5-27B-FP8", "qwen3.5-27b"),
+    ("nvidia/Qwen3.5-397B-A17B-NVFP4", "qwen3.5-397b-a17b"), ("nvidia/Nemotron-H-56B-Base-8K", "nemotron-h-56b"),
+    ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "nemotron-3-nano-30b-a3b"),
+    ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4", "nemotron-3-super-120b-a12b"),
+    ("nvidia/Llama-3_3-Nemotron-Super-49B-v1", "llama-3.3-nemotron-super-49b"), ("zai-org/GLM-4.7-Flash", "glm-4.7-flash"),
+    ("Qwen/Qwen3-VL-235B-A22B-Thinking", "qwen3-235b-a22b"),
 ])
 def test_hf_ids_resolve_to_catalogue(hf_id: str, name: str) -> None:
     assert resolve_model(hf_id).name == name
