@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/predict_accuracy.py [--csv PATH] [--no-write]
 
-Fits the few physical parameters (tasks/perf_calibration.py) on every measured row, writes them to
+Fits the few physical parameters (tasks/perf_calibration.py) on the measured rows (all but the few
+`EXCLUDED_IDS`, whose errors are still printed), writes them to
 conf/perf/hopper.yaml (the H100 family), and prints median / p90 |% error| of TTFT and TPOT: in-sample,
 then leave-one-group-out (fit without a group, test on it) to show generalisation rather than fit.
 """
@@ -18,7 +19,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.perf_calibration import abs_pct_errors, fit, summarize, write_params  # noqa: E402
+from tasks.perf_calibration import abs_pct_errors, fit, fitted_rows, summarize, write_params  # noqa: E402
 from tasks.perf_model import perf_params_path  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "calibration" / "measured_agg_h100.csv"
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in sorted(df["backend"].unique()):
         mask = (df["backend"] == b).to_numpy()
         print(_line(f"  {b}", summarize(errors[mask])))
+    excluded = ~fitted_rows(df)
+    if excluded.any():
+        print(_line("  not fitted (EXCLUDED_IDS)", summarize(errors[excluded])))
     print("\nleave-one-group-out: fit without the group, test on it (unseen)")
     print(header)
     for label, mask in _holdouts(df):

@@ -68,6 +68,26 @@ TPOT_WEIGHT = 1.5  # TPOT's goal is tighter than TTFT's
 MISS = 3.0  # log-error charged to a row the model cannot cost
 
 
+# Measured runs scored but not fitted, each for a physical reason. The three Dynamo-harness runs of Qwen3-32B
+# FP8 at 4000/1000 tokens (a GTL job, not the sweep the other 351 rows come from) report TTFT at concurrency
+# 24-48 below what one 4000-token prompt alone takes to prefill on those GPUs at the efficiencies every other
+# row shows (TP2: 185 ms measured at concurrency 48, 206 ms predicted for a lone request): that harness hit
+# cached prefixes or counted concurrency otherwise. Fitted, they alone would set fp8_gemm_scale (no other row
+# is FP8) and drag it to its bound.
+EXCLUDED_IDS = frozenset({
+    "qwen3_32b_qwen3_32b_h100_sxm_vllm_agg_4000x1000_c_tp8_0_epnone_1",
+    "qwen3_32b_qwen3_32b_h100_sxm_vllm_agg_4000x1000_c_tp2_0_epnone_3",
+    "qwen3_32b_qwen3_32b_h100_sxm_vllm_agg_4000x1000_c_tp1_0_epnone_4",
+})
+
+
+def fitted_rows(df: pd.DataFrame) -> np.ndarray:
+    """Mask of the rows a calibration fits (all but EXCLUDED_IDS)."""
+    if "id" not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    return ~df["id"].isin(EXCLUDED_IDS).to_numpy()
+
+
 def to_params(x: np.ndarray, base: PerfParams = PerfParams()) -> PerfParams:
     flat: dict = {}
     nested: dict[str, dict] = {}
@@ -99,7 +119,9 @@ def log_errors(pred: pd.DataFrame, df: pd.DataFrame) -> tuple[np.ndarray, np.nda
 
 
 def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
-    """Parameters minimising soft-L1 of log errors over `df`'s rows (measured columns silicon_*)."""
+    """Parameters minimising soft-L1 of log errors over `df`'s rows (measured columns silicon_*), but those
+    `fitted_rows` leaves out."""
+    df = df[fitted_rows(df)].reset_index(drop=True)
     rows, reasons = resolve_frame(df)
     start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S)
     full = from_params(start)

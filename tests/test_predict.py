@@ -352,6 +352,20 @@ def test_a_parameter_no_row_identifies_rests_at_its_physical_prior() -> None:
     assert abs(fit(short).sync_exps("vllm")[2]) < 0.1
 
 
+@needs_data
+def test_excluded_runs_are_scored_but_not_fitted() -> None:
+    from tasks.perf_calibration import EXCLUDED_IDS, fitted_rows
+
+    df = pd.read_csv(CALIBRATION)
+    mask = fitted_rows(df)
+    assert (~mask).sum() == len(EXCLUDED_IDS) == 3  # every listed id is in the data
+    sample = df[mask & (df["backend"] == "vllm").to_numpy() & (df["isl"] == 4096).to_numpy()]
+    # They are the only FP8 rows: with them in, fp8_gemm_scale would be theirs; out, the prior holds.
+    with_them = pd.concat([sample, df[~mask]]).reset_index(drop=True)
+    assert fit(with_them) == fit(sample.reset_index(drop=True))
+    assert summarize(abs_pct_errors(df[~mask].reset_index(drop=True), fit(with_them)))["predicted"] == 3
+
+
 def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: PerfModel) -> None:
     from tasks.perf_plan import predict_agg, predict_disagg
 
