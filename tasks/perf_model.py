@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+from scipy.special import ndtr
 
 from tasks.catalog import DTYPE_BYTES, GpuSpec, ModelArch
 
@@ -144,6 +145,23 @@ def distinct_experts(num_experts: float, per_token: float, tokens):
     return num_experts * (1.0 - (1.0 - per_token / num_experts) ** tokens)
 
 
+@lru_cache(maxsize=64)
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals] (0 for n = 1, 1/sqrt(pi) for 2)."""
+    x = np.linspace(-10.0, 10.0, 20001)
+    pdf = np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
+    return float(np.trapezoid(x * n * pdf * ndtr(x) ** (n - 1), x))
+
+
+def busiest_rank_experts(num_experts: float, touched, ep: int):
+    """Experts the busiest of `ep` expert-parallel ranks (each holding num_experts / ep) must stream when a
+    step touches `touched` distinct experts in all: each rank's count is about binomial, and every rank waits
+    for the slowest at the layer's all-to-all. Mean + E[max of ep normals] x std, at most a rank's share."""
+    n = num_experts / ep
+    q = np.clip(np.asarray(touched, dtype=float) / num_experts, 0.0, 1.0)
+    return np.minimum(n, n * q + expected_max_normal(ep) * np.sqrt(n * q * (1.0 - q)))
+
+
 @dataclass(frozen=True)
 class StepCost:
     seconds: float
@@ -175,6 +193,7 @@ class PerfModel:
         expert_dtype: str | None = None,
         backend: str | None = None,
         pp: int = 1,
+        ep: int = 1,
     ) -> None:
         # A MoE checkpoint may store its routed experts in another dtype than the rest (gpt-oss: MXFP4).
         self.expert_dtype = model.experts_stored_as(weights_dtype, expert_dtype)
@@ -182,6 +201,7 @@ class PerfModel:
             if dt not in DTYPE_BYTES:
                 raise ValueError(f"unknown dtype {dt!r}; use one of {sorted(DTYPE_BYTES)}")
         self.model, self.gpu, self.tp, self.pp = model, gpu, tp, pp
+        self.ep = ep if model.is_moe else 1  # expert-parallel ranks (experts whole, spread over them)
         self.weights_dtype, self.kv_dtype = weights_dtype, kv_dtype
         self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
@@ -269,6 +289,8 @@ class PerfModel:
             return self.weight_bytes_per_gpu
         m = self.model
         touched = distinct_experts(m.num_experts, m.num_experts_per_tok, np.maximum(tokens, 1))
+        if self.ep > 1:  # the same bytes on average, but the step waits for the busiest rank
+            touched = self.ep * busiest_rank_experts(m.num_experts, touched, self.ep)
         return self._dense_bytes + touched * self._expert_bytes
 
     def attended(self, context_sum, queries):

@@ -33,10 +33,11 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
     return rows, reasons
 
 
-def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1) -> PerfModel:
+def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1,
+          ep: int = 1) -> PerfModel:
     return PerfModel(r.model, r.gpu, r.weights_dtype, r.kv_dtype, tp=tp,
                      step_overhead_s=params.overhead(r.backend), params=params, compute_dtype=r.compute_dtype,
-                     attention_dp=attention_dp, expert_dtype=r.expert_dtype, backend=r.backend, pp=pp)
+                     attention_dp=attention_dp, expert_dtype=r.expert_dtype, backend=r.backend, pp=pp, ep=ep)
 
 
 def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
@@ -50,7 +51,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         if r is None:
             continue
         key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
-               r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype, r.pp, r.prefill_pp)
+               r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype, r.pp, r.prefill_pp, r.ep,
+               r.prefill_ep)
         groups[key].append(i)
     for idx in groups.values():
         r = rows[idx[0]]
@@ -59,7 +61,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
         try:
             if r.mode == "agg":
-                out = agg_steady(_perf(r, r.tp, p, r.attn_dp, r.pp), r.backend, isl, osl, conc,
+                out = agg_steady(_perf(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
                                  slot_wait=p.slot(r.backend), frontend_s=p.frontend(r.backend),
@@ -69,8 +71,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 dw = np.array([x.decode_workers for x in sel], float)
                 gpus = pw * r.prefill_tp * r.prefill_pp + dw * r.decode_tp * r.pp
                 link = np.where(gpus > NODE_GPUS, SCALE_OUT_GBPS, r.gpu.link_bandwidth_gbps)
-                pm_p = _perf(r, r.prefill_tp, p, r.prefill_attn_dp, r.prefill_pp)
-                pm_d = _perf(r, r.decode_tp, p, r.attn_dp, r.pp)
+                pm_p = _perf(r, r.prefill_tp, p, r.prefill_attn_dp, r.prefill_pp, r.prefill_ep)
+                pm_d = _perf(r, r.decode_tp, p, r.attn_dp, r.pp, r.ep)
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,

@@ -182,6 +182,8 @@ class ResolvedRow:
     expert_dtype: str | None = None  # routed experts' dtype when the row names one (moe_quant_mode)
     pp: int = 1  # pipeline stages of one instance (agg, or the decode pool)
     prefill_pp: int = 1
+    ep: int = 1  # expert-parallel ranks of one instance (agg, or the decode pool)
+    prefill_ep: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ class Parallelism:
     stage_gpus: int  # GPUs of one pipeline stage
     attn_dp: int
     pp: int
+    ep: int = 1  # expert-parallel ranks (moe_ep_size)
 
 
 def _parallelism(row: dict, prefix: str) -> Parallelism:
@@ -198,9 +201,11 @@ def _parallelism(row: dict, prefix: str) -> Parallelism:
     tp = max(1, _int(row.get(f"{prefix}tp_size"), 1))
     dp = max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
     pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
-    moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
+    ep = max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
+    moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * ep
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
-    return Parallelism(tp if sglang_counting else tp * dp, dp, pp)
+    stage = tp if sglang_counting else tp * dp
+    return Parallelism(stage, dp, pp, ep if stage % ep == 0 else 1)
 
 
 def _concurrency(row: dict) -> int:
@@ -224,9 +229,11 @@ def resolve_row(row: dict) -> ResolvedRow:
         weights, compute = model.dtype, None
     experts = resolve_expert_dtype(row.get("moe_quant_mode"), model)
     kv_raw = _norm(row.get("kvcache_quant_mode") or row.get("kv_cache_quant_mode") or row.get("kv_cache_dtype"))
-    # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default).
+    # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default). INT8 KV is one
+    # byte anywhere; NVFP4 KV (TensorRT-LLM on Blackwell) is 4-bit with scales, as our int4.
     kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
-    kv = "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16"
+    kv = ("int8" if kv_raw.startswith("int8") else "int4" if kv_raw in ("nvfp4", "fp4") and gpu.fp4_tflops
+          else "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16")
     compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path
     mode = _MODE_ALIASES.get(_norm(row.get("mode")), _norm(row.get("mode")))
     isl, osl = _int(row.get("isl")), _int(row.get("osl"))
@@ -238,7 +245,7 @@ def resolve_row(row: dict) -> ResolvedRow:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
         par = _parallelism(row, "")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
-                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp)
+                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep)
     if mode == "disagg":
         pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
         pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
@@ -249,5 +256,5 @@ def resolve_row(row: dict) -> ResolvedRow:
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
                            pre.stage_gpus, max(1, _int(row.get("prefill_batch_size"), 1)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
-                           prefill_pp=pre.pp)
+                           prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

@@ -10,7 +10,8 @@ import yaml
 
 from tasks.catalog import GpuSpec, ModelArch
 from tasks.paths import CONF_DIR
-from tasks.perf_model import MBU, PerfModel, PerfParams, causal_context, distinct_experts, load_perf_params
+from tasks.perf_model import (MBU, PerfModel, PerfParams, busiest_rank_experts, causal_context, distinct_experts,
+                              expected_max_normal, load_perf_params)
 
 
 def _pm(*args, **kwargs) -> PerfModel:
@@ -269,3 +270,23 @@ def test_linear_attention_layers_keep_a_state_not_a_kv_cache(h100: GpuSpec) -> N
     dense = _pm(m.model_copy(update={"num_linear_layers": 0}), h100, "bf16", "bf16", tp=2)
     long_ = {"decode_seqs": 32, "decode_context_tokens": 32 * 32000}
     assert pm.step(**long_).memory_s < 0.5 * dense.step(**long_).memory_s
+
+
+def test_expert_parallel_steps_wait_for_the_busiest_rank(h100: GpuSpec) -> None:
+    assert expected_max_normal(1) == pytest.approx(0.0, abs=1e-9)
+    assert expected_max_normal(2) == pytest.approx(1 / np.sqrt(np.pi), rel=1e-6)
+    ds = ModelArch(**_load("model", "deepseek-v3"))
+    tp, ep = (_pm(ds, h100, "fp8", "fp8", tp=8, ep=e) for e in (1, 8))
+    # One token touches 8 of 256 experts: one per rank on average, but the busiest of 8 ranks streams ~2.4.
+    touched = distinct_experts(256, 8, 1)
+    busiest = busiest_rank_experts(256, touched, 8)
+    assert busiest == pytest.approx(1 + expected_max_normal(8) * np.sqrt(32 * (1 / 32) * (31 / 32)))
+    extra = ep.weights_read_bytes(1) - tp.weights_read_bytes(1)
+    assert extra == pytest.approx((8 * busiest - touched) * tp._expert_bytes)
+    assert ep.step(decode_seqs=4, decode_context_tokens=4000).memory_s > tp.step(
+        decode_seqs=4, decode_context_tokens=4000).memory_s
+    # A big batch touches every expert on every rank: no imbalance left.
+    assert ep.weights_read_bytes(8192) == pytest.approx(tp.weights_read_bytes(8192), rel=1e-6)
+    # A dense model has no experts to spread.
+    llama = ModelArch(**_load("model", "llama-3.1-70b"))
+    assert _pm(llama, h100, "fp8", "fp8", tp=8, ep=8).ep == 1

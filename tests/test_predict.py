@@ -77,6 +77,18 @@ def test_systems_and_precisions_resolve() -> None:
         resolve_model("acme/NotAModel-7B")
 
 
+@pytest.mark.parametrize("system, precision, kv_column, kv", [
+    ("h100_sxm", "fp8", "", "fp8"), ("h100_sxm", "bf16", "", "bf16"), ("h100_sxm", "bf16", "fp8", "fp8"),
+    ("h100_sxm", "fp8", "float16", "bf16"), ("a100_sxm", "bf16", "int8", "int8"), ("a100_sxm", "fp8", "", "bf16"),
+    ("b200_sxm", "nvfp4", "nvfp4", "int4"), ("h100_sxm", "bf16", "nvfp4", "bf16"),
+])
+def test_kv_cache_dtype_follows_the_row(system: str, precision: str, kv_column: str, kv: str) -> None:
+    from tasks.perf_rows import resolve_row
+
+    row = _row(system=system, precision=precision, kvcache_quant_mode=kv_column)
+    assert resolve_row(row).kv_dtype == kv
+
+
 # ------------------------------------------------------------ predictions
 def test_bad_rows_get_a_reason_and_good_rows_a_prediction() -> None:
     out = _predict(_row(), _row(model_path="acme/Unknown-1B"), _row(system="tpu_v5"), _row(backend="tgi"),
@@ -204,6 +216,10 @@ def test_attention_dp_keeps_whole_attention_weights_and_splits_the_kv() -> None:
     whole, sharded = (PerfModel(model, h200, "fp8", "fp8", tp=8, attention_dp=dp) for dp in (8, 1))
     assert whole.resident_weight_bytes - sharded.resident_weight_bytes == pytest.approx(attn * 7 / 8)
     assert sharded.kv_bytes_per_token == 8 * whole.kv_bytes_per_token
+    # moe_ep_size spreads whole experts over 8 ranks (the step waits for the busiest); TP8 slices them.
+    from tasks.perf_rows import resolve_row
+
+    assert [resolve_row(_row(**ds, **lay)).ep for lay in (tp8, dep8, sgl)] == [1, 8, 8]
 
 
 def test_mla_decodes_absorbed_over_the_latent() -> None:
