@@ -320,8 +320,8 @@ class ModelArch(_Spec):
     def layer_tokens(self, context_sum, queries=1):
         """Context tokens summed over the layers, for `context_sum` context over `queries` sequences or
         query rows: full-attention layers keep (and attend) all of it, sliding-window layers at most
-        `sliding_window` per query, linear (state) layers none. Element-wise on numpy arrays; exact when every context passes the
-        window or none does."""
+        `sliding_window` per query, linear (state) layers none. Element-wise on numpy arrays; exact when
+        every context passes the window or none does."""
         full = self.num_attention_layers - self.num_sliding_layers
         if not self.num_sliding_layers:
             return full * context_sum

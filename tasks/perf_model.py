@@ -148,9 +148,9 @@ def distinct_experts(num_experts: float, per_token: float, tokens):
 @lru_cache(maxsize=64)
 def expected_max_normal(n: int) -> float:
     """E[max of n independent standard normals] (0 for n = 1, 1/sqrt(pi) for 2)."""
-    x = np.linspace(-10.0, 10.0, 20001)
+    x, dx = np.linspace(-10.0, 10.0, 20001, retstep=True)
     pdf = np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
-    return float(np.trapezoid(x * n * pdf * ndtr(x) ** (n - 1), x))
+    return float(np.sum(x * n * pdf * ndtr(x) ** (n - 1)) * dx)  # the integrand vanishes at both ends
 
 
 def busiest_rank_experts(num_experts: float, touched, ep: int):
