@@ -14,7 +14,7 @@ from functools import lru_cache
 from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
 
 # Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
-_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|"
+_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|pt|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|"
                        r"int4|int8|w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
 # Same architecture under another name: served exactly like the catalogue entry.
 MODEL_ALIASES = {
@@ -40,6 +40,12 @@ MODEL_ALIASES = {
     "deepseek-v3.2-exp": "deepseek-v3.2", "deepseek-v3.2-speciale": "deepseek-v3.2",
     # Vision-language releases: the text model is the catalogue entry's (config.json text_config).
     "qwen3-vl-235b-a22b": "qwen3-235b-a22b", "qwen3-vl-30b-a3b": "qwen3-30b-a3b",
+    # Fine-tunes with their base model's config.json.
+    "qwen2.5-coder-32b": "qwen2.5-32b", "qwen2.5-coder-14b": "qwen2.5-14b", "qwen2.5-coder-7b": "qwen2.5-7b",
+    "qwen2.5-coder-1.5b": "qwen2.5-1.5b", "llama-3.1-nemotron-70b": "llama-3.1-70b",
+    "llama-3_3-nemotron-super-49b-v1_5": "llama-3.3-nemotron-super-49b", "mistral-7b-v0.3": "mistral-7b",
+    "mistral-small-3.1-24b": "mistral-small-24b", "mistral-small-3.2-24b": "mistral-small-24b",
+    "mistral-large-2407": "mistral-large-2411", "granite-3.1-8b": "granite-3.3-8b", "granite-3.2-8b": "granite-3.3-8b",
 }
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
 GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",

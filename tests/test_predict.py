@@ -51,6 +51,13 @@ def _predict(*rows: dict) -> pd.DataFrame:
     ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4", "nemotron-3-super-120b-a12b"),
     ("nvidia/Llama-3_3-Nemotron-Super-49B-v1", "llama-3.3-nemotron-super-49b"), ("zai-org/GLM-4.7-Flash", "glm-4.7-flash"),
     ("Qwen/Qwen3-VL-235B-A22B-Thinking", "qwen3-235b-a22b"),
+    # Dense families beyond Llama/Qwen, and fine-tunes named after their use rather than their base.
+    ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"), ("mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+     "mistral-small-24b"), ("mistralai/Mistral-Large-Instruct-2407", "mistral-large-2411"),
+    ("google/gemma-3-27b-it", "gemma-3-27b"), ("microsoft/phi-4", "phi-4"),
+    ("ibm-granite/granite-3.3-8b-instruct", "granite-3.3-8b"), ("Qwen/Qwen2.5-Coder-32B-Instruct", "qwen2.5-32b"),
+    ("nvidia/Llama-3.1-Nemotron-70B-Instruct-HF", "llama-3.1-70b"),
+    ("nvidia/Llama-3_3-Nemotron-Super-49B-v1_5", "llama-3.3-nemotron-super-49b"),
 ])
 def test_hf_ids_resolve_to_catalogue(hf_id: str, name: str) -> None:
     assert resolve_model(hf_id).name == name
