@@ -37,10 +37,11 @@ SPEC: list[tuple[str, float, float, float]] = [
     *[(f"sync_isl_exp.{b}", 0.0, 0.0, 1.0) for b in BACKENDS],
     *[(f"sync_osl_exp.{b}", 0.0, -1.0, 1.0) for b in BACKENDS],
     ("slot_wait.trtllm", 0.1, 0.0, 2.0),  # a TensorRT-LLM trait; the others free slots at once
-    # trtllm-serve's frontend ceiling shows in the rows (TTFT jumps at concurrency 64-128, any TP); the
-    # vLLM and SGLang rows (a 32B model) never reach theirs, so they are not fitted and stay off.
-    ("frontend_request_s.trtllm", 5e-3, 1e-4, 0.1),
-    ("frontend_token_s.trtllm", 3e-5, 1e-6, 5e-4),
+    # Every serving frontend does serial host work per request and per streamed token. trtllm-serve's
+    # ceiling shows plainly (Llama-8B: TTFT jumps at concurrency 64-128, any TP); vLLM's API server shows
+    # it as TTFT 15-20 % above the engine's at concurrency 128; SGLang's rows never reach theirs (prior).
+    *[(f"frontend_request_s.{b}", 5e-3, 1e-4, 0.1) for b in BACKENDS],
+    *[(f"frontend_token_s.{b}", 3e-5, 1e-6, 5e-4) for b in BACKENDS],
 ]
 # Not identifiable from one model per backend (layers and backend are confounded in the data), so a
 # prior: ~8 kernels per layer at a ~3 us floor each.
@@ -58,12 +59,13 @@ PRIORS: dict[str, tuple[float, float]] = {
     # An exponent's prior is on its value (centre 0: no dependence), not on its logarithm.
     **{f"sync_osl_exp.{b}": (0.0, 0.25) for b in BACKENDS},
     # A Python serving frontend: milliseconds per request, tens of microseconds per streamed token.
-    "frontend_request_s.trtllm": (5e-3, 1.0), "frontend_token_s.trtllm": (3e-5, 1.0),
+    **{f"frontend_request_s.{b}": (5e-3, 1.0) for b in BACKENDS},
+    **{f"frontend_token_s.{b}": (3e-5, 1.0) for b in BACKENDS},
 }
 PRIOR_WEIGHT = 0.3  # a one-width deviation costs as much as one row predicted 30 % off
 # Per-backend costs an unfitted backend borrows from the fitted ones; how a scheduler groups arrivals is
 # its own design (SGLang's waves, vLLM's staggering), so those keep their neutral start.
-POOLED = ("step_overhead_s", "seq_overhead_s", "request_overhead_s")
+POOLED = ("step_overhead_s", "seq_overhead_s", "request_overhead_s", "frontend_request_s", "frontend_token_s")
 TPOT_WEIGHT = 1.5  # TPOT's goal is tighter than TTFT's
 MISS = 3.0  # log-error charged to a row the model cannot cost
 

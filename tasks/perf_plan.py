@@ -2,7 +2,8 @@
 
 Aggregated: the discrete-event scheduler (`perf_sim`) plays a Poisson workload at the target rate per
 replica; the closed-form step model splits its TTFT and TPOT into compute, memory, communication,
-overhead and queueing (queueing = simulated TTFT minus one request's own prefill service).
+overhead and queueing (queueing = simulated TTFT minus one request's own prefill service, plus the wait
+for the serving frontend, an M/D/1 server of its calibrated host work per request).
 Disaggregated: the closed-form prefill-pool / decode-pool model at the concurrency that carries the rate.
 Speculative decoding: `spec_decode_step` scales the decode step by the tokens each step accepts.
 """
@@ -55,6 +56,16 @@ def _ms(parts: dict) -> dict[str, float]:
     return {k: float(np.asarray(v).ravel()[0]) * 1e3 for k, v in parts.items()}
 
 
+def frontend_queue_s(pm: PerfModel, backend: str, rate: float, mean_output: float) -> tuple[float, float]:
+    """(mean wait, utilisation) of one instance's serving frontend at `rate` requests/s: its serial host
+    work (calibrated per request and per streamed token) is an M/D/1 server in front of the engine; at
+    utilisation >= 1 the wait is unbounded."""
+    per_request, per_token = pm.params.frontend(backend)
+    service = per_request + per_token * mean_output
+    busy = rate * service
+    return (service * busy / (2 * (1 - busy)) if busy < 1 else float("inf")), busy
+
+
 def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean_output: float, *,
                 max_num_batched_tokens: int, max_num_seqs: int, kv_capacity_tokens: int, replicas: int = 1,
                 spec_k: int = 0, acceptance: float = 0.0, seed: int = 0) -> Prediction:
@@ -65,7 +76,8 @@ def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean
     res = simulate(pm, *trace, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                    kv_capacity_tokens=kv_capacity_tokens)
     request_s = pm.params.request_overhead(backend)  # HTTP, tokenisation: outside the engine's steps
-    ttft, tpot = float(np.nanmean(res.ttft_s)) + request_s, float(np.nanmean(res.tpot_s))
+    front_s, front_busy = frontend_queue_s(pm, backend, per, mean_output)
+    ttft, tpot = float(np.nanmean(res.ttft_s)) + request_s + front_s, float(np.nanmean(res.tpot_s))
     # The same engine at the concurrency the simulation saw (Little's law), prompts arriving one by one.
     conc = max(1.0, per * float(np.nanmean(res.e2e_s)))
     cf = agg_steady(pm, backend, mean_input, mean_output, conc, request_overhead_s=0.0, sync=0.0,
@@ -77,13 +89,14 @@ def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean
     tpot_cf = _ms({k: cf[f"tpot_{k}_s"] for k in PARTS})
     total = sum(tpot_cf.values()) or 1.0
     tpot_parts = {k: v * tpot * 1e3 / total for k, v in tpot_cf.items()}
-    note = ""
+    note = "target rate above the serving frontend's capacity" if front_busy >= 1 else ""
     if spec_k:
         per_token, _ = spec_decode_step(pm, conc, mean_input + mean_output / 2, spec_k, acceptance)
         scale = per_token / max(float(np.asarray(cf["tpot_s"]).ravel()[0]), 1e-9)
         tpot *= scale
         tpot_parts = {k: v * scale for k, v in tpot_parts.items()}
-        note = f"speculative: {expected_accepted(spec_k, acceptance):.2f} tokens per verify step"
+        note = "; ".join(filter(None, (note, f"speculative: {expected_accepted(spec_k, acceptance):.2f} tokens "
+                                              "per verify step")))
     done = np.isfinite(res.e2e_s)
     tok_s = replicas * float(res.output_tokens[done].sum() / res.end_s)
     return Prediction(ttft * 1e3, tpot * 1e3, tok_s, ttft_parts, tpot_parts, note)
@@ -95,7 +108,7 @@ def predict_disagg(pm_p: PerfModel, pm_d: PerfModel, backend: str, qps: float, m
     def at(conc: float) -> dict:
         return disagg_steady(pm_p, pm_d, backend, mean_input, mean_output, conc, prefill_workers, decode_workers,
                              request_overhead_s=pm_p.params.request_overhead(backend),
-                             reserve_gib=pm_p.params.memory_reserve_gib)
+                             reserve_gib=pm_p.params.memory_reserve_gib, frontend_s=pm_p.params.frontend(backend))
 
     lo, hi = 1e-3, 1e5
     for _ in range(60):

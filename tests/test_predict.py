@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -404,6 +405,25 @@ def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: Pe
     assert pd_pred.ttft_parts_ms["comm"] > 0  # the KV transfer
     assert sum(pd_pred.ttft_parts_ms.values()) == pytest.approx(pd_pred.ttft_ms, rel=1e-6)
     assert pd_pred.output_tok_s == pytest.approx(5.0 * 200, rel=0.02)
+
+
+def test_plan_waits_for_a_busy_serving_frontend() -> None:
+    """The frontend's serial work per request (10 ms + 50 us x 200 tokens = 20 ms) serves 50 requests/s: at 25
+    the M/D/1 wait is half a service time; above 50 the plan says the frontend, not the engine, is the limit."""
+    from tasks.perf_plan import predict_agg
+
+    knobs = dict(max_num_batched_tokens=8192, max_num_seqs=256, kv_capacity_tokens=400_000)
+    model, gpu = load_model("llama-3.1-8b"), load_gpu("h100")
+    fitted = PerfModel(model, gpu, "bf16", "bf16", tp=1).params
+    plain, front = (PerfModel(model, gpu, "bf16", "bf16", tp=1, params=replace(
+        fitted, frontend_request_s={"vllm": a}, frontend_token_s={"vllm": b})) for a, b in ((0.0, 0.0), (0.01, 5e-5)))
+    base, busy = (predict_agg(pm, "vllm", 25.0, 1000, 200, **knobs) for pm in (plain, front))
+    assert busy.ttft_ms - base.ttft_ms == pytest.approx(10.0, rel=0.01)
+    assert busy.ttft_parts_ms["queue"] - base.ttft_parts_ms["queue"] == pytest.approx(10.0, rel=0.01)
+    assert busy.tpot_ms == pytest.approx(base.tpot_ms)  # the engine's steps are the same
+    over = predict_agg(front, "vllm", 60.0, 1000, 200, **knobs)
+    assert "frontend" in over.note and over.ttft_ms == float("inf")
+    assert "frontend" not in busy.note
 
 
 def test_a_backend_without_rows_borrows_the_fitted_backends_overheads_but_not_their_arrival_law() -> None:
