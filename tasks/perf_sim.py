@@ -27,6 +27,7 @@ class SimResult:
     preemptions: int
     end_s: float
     output_tokens: np.ndarray
+    recomputed_tokens: int = 0  # prompt + generated tokens prefilled again after preemptions
 
     def summary(self) -> dict[str, float]:
         done = np.isfinite(self.e2e_s)
@@ -34,7 +35,7 @@ class SimResult:
                 "ttft_mean_ms": float(np.nanmean(self.ttft_s) * 1e3),
                 "ttft_p99_ms": float(np.nanpercentile(self.ttft_s, 99) * 1e3),
                 "tpot_mean_ms": float(np.nanmean(self.tpot_s) * 1e3), "steps": self.steps,
-                "preemptions": self.preemptions,
+                "preemptions": self.preemptions, "recomputed_tokens": self.recomputed_tokens,
                 "output_tok_s": float(self.output_tokens[done].sum() / self.end_s) if self.end_s > 0 else 0.0}
 
 
@@ -52,9 +53,21 @@ def poisson_trace(qps: float, duration_s: float, mean_input: int, mean_output: i
 
 
 def simulate(pm: PerfModel, arrivals, input_tokens, output_tokens, *, max_num_batched_tokens: int = 8192,
-             max_num_seqs: int = 256, kv_capacity_tokens: int = 1_000_000) -> SimResult:
-    """Run the trace to completion. Lengths are tokens; arrivals seconds (sorted)."""
+             max_num_seqs: int = 256, kv_capacity_tokens: int = 1_000_000, closed_loop: int = 0) -> SimResult:
+    """Run the trace to completion. Lengths are tokens; arrivals seconds (sorted). `closed_loop` = C > 0
+    ignores `arrivals`: C clients each send the next request when their last one finishes (a benchmark's
+    fixed concurrency), so request i > C arrives when some earlier one completes."""
     arr = np.asarray(arrivals, float)
+    if closed_loop:
+        arr = np.where(np.arange(len(input_tokens)) < closed_loop, 0.0, np.inf)
+    released = min(closed_loop, len(arr))
+
+    def complete(rid: int) -> None:
+        nonlocal released
+        finish[rid] = now
+        if closed_loop and released < n:
+            arr[released] = now
+            released += 1
     inp = np.asarray(input_tokens, int).tolist()
     out = np.asarray(output_tokens, int).tolist()
     n = len(inp)
@@ -67,7 +80,7 @@ def simulate(pm: PerfModel, arrivals, input_tokens, output_tokens, *, max_num_ba
     heap: list[tuple[int, int]] = []  # (finish step, rid) of decoding requests
     dec_start: dict[int, int] = {}  # rid -> step its decoding began (for its context)
     sum_ctx = 0  # KV tokens held by decoding requests
-    nxt, step, now, preempt = 0, 0, 0.0, 0
+    nxt, step, now, preempt, recomputed = 0, 0, 0.0, 0, 0
     while nxt < n or waiting or prefilling or dec_start:
         while nxt < n and arr[nxt] <= now:
             waiting.append(nxt)
@@ -112,7 +125,7 @@ def simulate(pm: PerfModel, arrivals, input_tokens, output_tokens, *, max_num_ba
             if dec_start.get(rid) is None:
                 continue  # preempted earlier (lazy deletion)
             sum_ctx -= prompt[rid] + step - dec_start.pop(rid)
-            finish[rid] = now
+            complete(rid)
         if done_prefill:
             finished = set(done_prefill)
             prefilling = [it for it in prefilling if it[0] not in finished]
@@ -121,7 +134,7 @@ def simulate(pm: PerfModel, arrivals, input_tokens, output_tokens, *, max_num_ba
                     first[rid] = now
                 left = out[rid] - start_gen[rid] - 1  # the prefill step produced one token
                 if left <= 0:
-                    finish[rid] = now
+                    complete(rid)
                     continue
                 dec_start[rid] = step
                 sum_ctx += prompt[rid]
@@ -132,9 +145,10 @@ def simulate(pm: PerfModel, arrivals, input_tokens, output_tokens, *, max_num_ba
             sum_ctx -= prompt[rid] + gen
             start_gen[rid] += gen + 1
             prompt[rid] += gen + 1
+            recomputed += prompt[rid]
             waiting.appendleft(rid)
             preempt += 1
     arrive = arr
     ttft = first - arrive
     tpot = np.where(np.asarray(out) > 1, (finish - first) / np.maximum(np.asarray(out) - 1, 1), np.nan)
-    return SimResult(ttft, tpot, finish - arrive, step, preempt, now, np.asarray(out))
+    return SimResult(ttft, tpot, finish - arrive, step, preempt, now, np.asarray(out), recomputed)

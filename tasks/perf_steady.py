@@ -64,6 +64,7 @@ def scheduler(backend: str, gpu: GpuSpec) -> Scheduler:
 PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
+RECOMPUTE_PER_OUTPUT_TOKEN = 1.3  # vLLM-style preemption when the KV cache binds (see agg_steady)
 FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
 
 
@@ -150,7 +151,16 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     t0, tc = np.asarray(dec.seconds, float), np.asarray(pf.seconds, float)
     p0, pc = _parts(dec), _parts(pf)
     own = (n_chunks + 1) / 2  # chunks until a group member's prompt is done, on average
-    chunk_steps = R / group * n_chunks  # prefill steps per request lifetime
+    # An engine that grows KV on demand (vLLM) admits prompts into every free block; once the loop's
+    # requests at full length outgrow the cache, the decodes' growth is bought by evicting the newest
+    # requests and prefilling them again (benchmarks/preemption_recompute.py: ~1.3 tokens per output token
+    # once demand passes the cache at mean length, none below its capacity at full length).
+    recompute = 0.0
+    if not s.reserve_full_context:
+        at_full, at_mean = kv / pm.footprint(I + O), kv / pm.footprint(I + O / 2)
+        binding = np.clip((C - at_full) / np.maximum(1.1 * at_mean - at_full, 1e-9), 0.0, 1.0)
+        recompute = RECOMPUTE_PER_OUTPUT_TOKEN * binding * O
+    chunk_steps = R / group * n_chunks * (1 + recompute / I)  # prefill steps per request lifetime
     dsteps = np.maximum(O - 1, 1.0)
     if s.mixed:
         lifetime_steps = (O - 1) + own

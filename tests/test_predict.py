@@ -314,6 +314,42 @@ def llama_pm() -> PerfModel:
     return PerfModel(load_model("llama-3.1-8b"), load_gpu("h100"), "bf16", "bf16", tp=1)
 
 
+def test_closed_loop_simulation_keeps_c_requests_in_flight(llama_pm: PerfModel) -> None:
+    """C clients, each sending its next request when the last finishes: C requests are in flight until the
+    last is sent, so the summed request times (the area under in-flight) lie between C x (end - one
+    request) and C x end; an open loop sending all at once would not be bounded below like that."""
+    n, conc = 60, 4
+    res = simulate(llama_pm, None, np.full(n, 500), np.full(n, 50), closed_loop=conc)
+    assert np.isfinite(res.e2e_s).all()
+    area = res.e2e_s.sum()
+    assert conc * (res.end_s - res.e2e_s.max()) <= area <= conc * res.end_s * (1 + 1e-9)
+    burst = simulate(llama_pm, np.zeros(n), np.full(n, 500), np.full(n, 50))  # every request at t=0
+    assert burst.e2e_s.sum() > 2 * area  # queued behind each other instead of C at a time
+
+
+def test_on_demand_kv_pays_for_growth_with_recompute_once_the_cache_binds(monkeypatch) -> None:
+    """A closed loop asking for twice the KV cache at mean length: vLLM's scheduler (the simulation) keeps
+    evicting the newest requests to let the others grow and prefills them again; the closed form charges
+    RECOMPUTE_PER_OUTPUT_TOKEN for it and lands on the simulation's TPOT, where it would be 9 % short."""
+    import tasks.perf_steady as steady
+
+    pm = PerfModel(load_model("qwen3-32b"), load_gpu("h100"), "bf16", "bf16", tp=2, backend="vllm")
+    isl, osl, conc, n = 4096, 1024, 128, 1024
+    kv = 64 * (isl + osl // 2)
+    res = simulate(pm, None, np.full(n, isl), np.full(n, osl), max_num_batched_tokens=8192, max_num_seqs=1024,
+                   kv_capacity_tokens=kv, closed_loop=conc)
+    assert res.preemptions > 0.2 * n and res.recomputed_tokens > 0.5 * res.output_tokens.sum()
+    sim_tpot = float(np.nanmean(res.tpot_s[n // 4:]))
+    closed_form = float(steady.agg_steady(pm, "vllm", isl, osl, conc, kv_tokens=kv)["tpot_s"])
+    assert closed_form == pytest.approx(sim_tpot, rel=0.05)
+    monkeypatch.setattr(steady, "RECOMPUTE_PER_OUTPUT_TOKEN", 0.0)
+    assert float(steady.agg_steady(pm, "vllm", isl, osl, conc, kv_tokens=kv)["tpot_s"]) < 0.93 * sim_tpot
+    # Below the cache's capacity at full length nothing is evicted, in either.
+    small = simulate(pm, None, np.full(256, isl), np.full(256, osl), max_num_batched_tokens=8192,
+                     max_num_seqs=1024, kv_capacity_tokens=kv, closed_loop=48)
+    assert small.preemptions == 0
+
+
 def test_simulation_completes_every_request_and_queues_under_load(llama_pm: PerfModel) -> None:
     light = simulate(llama_pm, *poisson_trace(2, 30, 1000, 100, seed=1), kv_capacity_tokens=400_000)
     heavy = simulate(llama_pm, *poisson_trace(40, 30, 1000, 100, seed=1), kv_capacity_tokens=400_000)
