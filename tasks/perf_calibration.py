@@ -46,6 +46,12 @@ SPEC: list[tuple[str, float, float, float]] = [
 # Not identifiable from one model per backend (layers and backend are confounded in the data), so a
 # prior: ~8 kernels per layer at a ~3 us floor each.
 LAYER_LATENCY_S = 25e-6
+# Not identifiable either (the calibration rows are dense models): the expert width per GPU at which fused
+# MoE GEMMs run at half the dense efficiency. Set on published MoE runs instead (GPUStack's performance lab,
+# benchmarks/data/gpustack_perf_lab.csv: 7 MoE families, vLLM and SGLang, A100 and H200): 1,400 minimises
+# their median throughput error (68 % -> 15 %), and leaving each family out picks 1,000-1,400 from the
+# others (`benchmarks/external_check.py --sweep-moe`).
+MOE_HALF_WIDTH = 1400.0
 # Published figures for Hopper serving kernels, as weak priors (centre, log-space width) on the physics the
 # calibration rows barely identify: FlashAttention-3 reaches ~50 % of bf16 peak at 1-4k contexts, decode
 # streams at 80-90 % of HBM peak, serving GEMMs run near 60 % MFU, an engine keeps a few GiB off the KV
@@ -125,7 +131,7 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
     `fitted_rows` leaves out."""
     df = df[fitted_rows(df)].reset_index(drop=True)
     rows, reasons = resolve_frame(df)
-    start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S)
+    start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S, moe_half_width=MOE_HALF_WIDTH)
     full = from_params(start)
     # A backend's own parameters move only when its rows are in the fit (see _typical_for_absent).
     present = {r.backend for r in rows if r is not None}

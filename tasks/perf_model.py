@@ -62,6 +62,11 @@ class PerfParams:
     # Minimum time of one layer's kernels in a step (norms, rope, attention, GEMMs, routing each last a few
     # microseconds however small the batch); MoE layers run about twice the kernels (gate, dispatch, combine).
     layer_latency_s: float = 0.0
+    # Routed experts run as fused grouped GEMMs, each expert over a slice of `moe_intermediate_size / (tp /
+    # ep)` columns per GPU: fixed per-expert and per-tile work (token gather, scales, pipeline fill) is
+    # amortised over that width, so they reach width / (width + moe_half_width) of the dense GEMMs'
+    # efficiency (0: as dense).
+    moe_half_width: float = 0.0
     # Engine behaviour, by backend (also physical: CPU-side scheduling, sampling, detokenisation).
     step_overhead_s: dict | None = None  # {"vllm": s, "sglang": s, "trtllm": s}
     # CPU time per running sequence per step (scheduling, sampling, detokenising and streaming its token):
@@ -241,7 +246,11 @@ class PerfModel:
         # Precomputed per-unit rates so `step` is a handful of multiply-adds.
         # Low-precision tensor cores reach a smaller share of their peak (FP4 borrows FP8's fitted scale).
         mfu = p.mfu * (p.fp8_gemm_scale if self.compute_dtype in ("fp8", "fp4") else 1.0)
-        self._gemm_s_per_token = 2 * self.gemm_params / (gpu.peak_flops(self.compute_dtype) * mfu) / tp
+        routed = model.num_experts_per_tok * model.expert_params()  # per token, in its routed experts
+        self.expert_width = model.moe_intermediate_size * self.ep / tp if model.is_moe else 0.0  # per GPU
+        moe_eff = self.expert_width / (self.expert_width + p.moe_half_width) if routed else 1.0
+        self._gemm_s_per_token = (2 * (self.gemm_params - routed + routed / moe_eff)
+                                  / (gpu.peak_flops(self.compute_dtype) * mfu) / tp)
         # FlashAttention runs in bf16 whatever the weights are.
         # Per query row and attended token: QK^T and PV, 2 FLOPs per multiply-add. MLA prefills as plain
         # attention over its decompressed heads, but decodes "absorbed": every head attends the whole

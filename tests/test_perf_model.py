@@ -290,3 +290,28 @@ def test_expert_parallel_steps_wait_for_the_busiest_rank(h100: GpuSpec) -> None:
     # A dense model has no experts to spread.
     llama = ModelArch(**_load("model", "llama-3.1-70b"))
     assert _pm(llama, h100, "fp8", "fp8", tp=8, ep=8).ep == 1
+
+
+def test_narrow_expert_slices_run_below_dense_gemm_efficiency(h100: GpuSpec) -> None:
+    """TP splits every expert's columns over the GPUs (DeepSeek at TP8: 256 of 2,048 each), EP keeps experts
+    whole: with `moe_half_width` the same prefill costs the routed experts width / (width + half) of dense
+    efficiency, so TP8 pays far more than EP8; the dense part of the model and dense models are untouched."""
+    from dataclasses import replace
+
+    ds, llama = ModelArch(**_load("model", "deepseek-v3")), ModelArch(**_load("model", "llama-3.1-70b"))
+    flat = replace(load_perf_params("h100"), moe_half_width=0.0)
+    narrow = replace(flat, moe_half_width=1400.0)
+    step = dict(prefill_tokens=8192, prefill_attn_context=causal_context(0, 8192))
+
+    def gemm_s(model, params, **kw):
+        return PerfModel(model, h100, "fp8", "fp8", params=params, **kw)._gemm_s_per_token
+
+    assert PerfModel(ds, h100, "fp8", "fp8", tp=8, params=narrow).expert_width == 256
+    assert PerfModel(ds, h100, "fp8", "fp8", tp=8, ep=8, params=narrow).expert_width == 2048
+    routed = 8 * ds.expert_params() / ds.active_params  # the routed experts' share of a token's GEMMs (~0.6)
+    for ep, width in ((1, 256), (8, 2048)):
+        slow = gemm_s(ds, narrow, tp=8, ep=ep) / gemm_s(ds, flat, tp=8, ep=ep)
+        assert slow == pytest.approx(1 + routed * 1400 / width, rel=0.02)  # 1/eff = 1 + half/width
+    tp8, ep8 = (PerfModel(ds, h100, "fp8", "fp8", tp=8, ep=e, params=narrow).step(**step).compute_s for e in (1, 8))
+    assert tp8 > 2 * ep8
+    assert gemm_s(llama, narrow, tp=8) == gemm_s(llama, flat, tp=8)
