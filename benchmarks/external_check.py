@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.perf_model import PerfParams, load_perf_params  # noqa: E402
-from tasks.perf_predict import _perf  # noqa: E402
+from tasks.perf_predict import instance_model  # noqa: E402
 from tasks.perf_rows import resolve_row  # noqa: E402
 from tasks.perf_sim import simulate  # noqa: E402
 from tasks.perf_steady import kv_capacity_tokens, scheduler  # noqa: E402
@@ -65,7 +65,7 @@ def replay(run: dict, params: PerfParams | None = None) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         return {"reason": str(exc).splitlines()[0]}
     p = params or load_perf_params(r.gpu.name)
-    pm = _perf(r, r.tp, p, r.attn_dp, r.pp, r.ep)
+    pm = instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep)
     if pm.resident_weight_bytes >= pm.gpu.memory_bytes:
         return {"reason": "does not fit: the weights alone exceed GPU memory at this TP"}
     s = scheduler(r.backend, r.gpu)

@@ -33,8 +33,9 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
     return rows, reasons
 
 
-def _perf(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1,
-          ep: int = 1) -> PerfModel:
+def instance_model(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1,
+                   ep: int = 1) -> PerfModel:
+    """The step model of one engine instance of row `r` (its prefill or decode pool's layout for PD)."""
     return PerfModel(r.model, r.gpu, r.weights_dtype, r.kv_dtype, tp=tp,
                      step_overhead_s=params.overhead(r.backend), params=params, compute_dtype=r.compute_dtype,
                      attention_dp=attention_dp, expert_dtype=r.expert_dtype, backend=r.backend, pp=pp, ep=ep)
@@ -61,7 +62,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
         try:
             if r.mode == "agg":
-                out = agg_steady(_perf(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
+                out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
                                  slot_wait=p.slot(r.backend), frontend_s=p.frontend(r.backend),
@@ -71,8 +72,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 dw = np.array([x.decode_workers for x in sel], float)
                 gpus = pw * r.prefill_tp * r.prefill_pp + dw * r.decode_tp * r.pp
                 link = np.where(gpus > NODE_GPUS, SCALE_OUT_GBPS, r.gpu.link_bandwidth_gbps)
-                pm_p = _perf(r, r.prefill_tp, p, r.prefill_attn_dp, r.prefill_pp, r.prefill_ep)
-                pm_d = _perf(r, r.decode_tp, p, r.attn_dp, r.pp, r.ep)
+                pm_p = instance_model(r, r.prefill_tp, p, r.prefill_attn_dp, r.prefill_pp, r.prefill_ep)
+                pm_d = instance_model(r, r.decode_tp, p, r.attn_dp, r.pp, r.ep)
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,

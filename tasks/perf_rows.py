@@ -14,8 +14,8 @@ from functools import lru_cache
 from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
 
 # Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
-_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|pt|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|awq|gptq|"
-                       r"int4|int8|w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
+_SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|pt|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|"
+                       r"awq|gptq|int4|int8|w4a16|w8a8|w4a8|gptq-int4|gptq-int8|awq-int4|dynamic|v\d+\.\d+|\d{4}))+$")
 # Same architecture under another name: served exactly like the catalogue entry.
 MODEL_ALIASES = {
     "meta-llama-3.1-8b": "llama-3.1-8b", "llama-3-8b": "llama-3.1-8b", "meta-llama-3-8b": "llama-3.1-8b",
