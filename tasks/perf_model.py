@@ -86,8 +86,9 @@ class PerfParams:
     # ... and with the output length (requests whose decodes run longer drift apart before they finish:
     # a negative exponent; the closed loop then refills them one by one).
     sync_osl_exp: dict | None = None
-    # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM's measured
-    # TTFT grows with output length at low concurrency: a slot is freed a request late).
+    # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM 1.0's measured
+    # TTFT grows with output length at low concurrency: a slot is freed a request late; perf_predict.slot_wait
+    # applies it to that version only).
     slot_wait: dict | None = None
 
     # Serial host time of the serving frontend (HTTP, tokenising, streaming) per request and per output

@@ -6,6 +6,7 @@ keep empty predictions and say why in `pred_reason`.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -33,6 +34,14 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
     return rows, reasons
 
 
+def slot_wait(r: ResolvedRow, params: PerfParams) -> float:
+    """Completion gaps a new request waits for its slot. TensorRT-LLM 1.0 (the calibration's 1.0.0rc3) frees a
+    finished request's slot a completion late; 1.2 does not (GPUStack's Qwen3-8B at concurrency 4: TTFT 52
+    ms, where that wait alone would be ~0.5 s). Later and unstated versions are costed without it."""
+    v = re.match(r"v?(\d+)\.(\d+)", r.backend_version)
+    return params.slot(r.backend) if v and (int(v[1]), int(v[2])) < (1, 1) else 0.0
+
+
 def instance_model(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1,
                    ep: int = 1) -> PerfModel:
     """The step model of one engine instance of row `r` (its prefill or decode pool's layout for PD)."""
@@ -53,7 +62,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
             continue
         key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
                r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype, r.pp, r.prefill_pp, r.ep,
-               r.prefill_ep)
+               r.prefill_ep, r.backend_version)
         groups[key].append(i)
     for idx in groups.values():
         r = rows[idx[0]]
@@ -65,7 +74,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
-                                 slot_wait=p.slot(r.backend), frontend_s=p.frontend(r.backend),
+                                 slot_wait=slot_wait(r, p), frontend_s=p.frontend(r.backend),
                                  reserve_gib=p.memory_reserve_gib)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)

@@ -190,6 +190,7 @@ class ResolvedRow:
     prefill_pp: int = 1
     ep: int = 1  # expert-parallel ranks of one instance (agg, or the decode pool)
     prefill_ep: int = 1
+    backend_version: str = ""  # as the row states it ("" when it does not)
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ def resolve_row(row: dict) -> ResolvedRow:
           else "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16")
     compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path
     mode = _MODE_ALIASES.get(_norm(row.get("mode")), _norm(row.get("mode")))
+    version = _norm(row.get("backend_version"))
     isl, osl = _int(row.get("isl")), _int(row.get("osl"))
     if isl < 1 or osl < 1:
         raise ValueError("isl and osl must be positive")
@@ -251,7 +253,7 @@ def resolve_row(row: dict) -> ResolvedRow:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
         par = _parallelism(row, "")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
-                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep)
+                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version)
     if mode == "disagg":
         pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
         pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
@@ -262,5 +264,5 @@ def resolve_row(row: dict) -> ResolvedRow:
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
                            pre.stage_gpus, max(1, _int(row.get("prefill_batch_size"), 1)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
-                           prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep)
+                           prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep, backend_version=version)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

@@ -443,6 +443,19 @@ def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: Pe
     assert pd_pred.output_tok_s == pytest.approx(5.0 * 200, rel=0.02)
 
 
+def test_only_tensorrt_llm_1_0_makes_new_requests_wait_a_completion_for_their_slot() -> None:
+    """The calibration's trtllm-serve 1.0.0rc3 rows show TTFT growing with output length at concurrency 8
+    (a slot freed a completion late); 1.2 does not, so later and unstated versions pay no such wait."""
+    trt = dict(model_path="meta-llama/Llama-3.1-8B-Instruct", backend="trtllm", isl=1024, osl=512, batch_size=8,
+               tp_size=1)
+    pred = _predict(*(_row(**trt, backend_version=v) for v in ("1.0.0rc3", "v1.2.0rc1", "")))
+    old, new, unstated = pred["pred_ttft_ms"]
+    assert old > 2 * new and new == unstated
+    assert pred["pred_tpot_ms"].nunique() == 1  # the decode steps are the same
+    df = pd.read_csv(CALIBRATION)
+    assert (df.loc[df["backend"] == "trtllm", "backend_version"] == "1.0.0rc3").all()  # the fitted behaviour
+
+
 def test_plan_waits_for_a_busy_serving_frontend() -> None:
     """The frontend's serial work per request (10 ms + 50 us x 200 tokens = 20 ms) serves 50 requests/s: at 25
     the M/D/1 wait is half a service time; above 50 the plan says the frontend, not the engine, is the limit."""
