@@ -363,7 +363,8 @@ class PerfModel:
                     + state_bytes) / self._hbm_bps
         comm_s = tokens * self._comm_s_per_token + self._comm_fixed_s
         seqs = decode_seqs + prefilling
-        overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs
+        # Each attention-DP rank schedules (and samples) its own share of the sequences, in parallel.
+        overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs / self.attention_dp
         seconds = self.bound_s(compute_s, memory_s) + comm_s + overhead_s
         return StepCost(seconds, compute_s, memory_s, comm_s, overhead_s)
 

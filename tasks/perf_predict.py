@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,10 @@ PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_r
 # KV moves between nodes over the scale-out network once a deployment outgrows one 8-GPU node.
 NODE_GPUS = 8
 SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
+# Measured PD rows come from closed-loop benchmarks of 10 prompts per client (InferenceMAX's
+# `--num-prompts $((CONC * 10))`), whose first wave all arrives at once. Their router is the
+# orchestrator's (Dynamo's frontend), not the engine's own API server, so no engine frontend is charged.
+BENCH_PROMPTS_PER_CLIENT = 10.0
 
 
 def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]]:
@@ -50,6 +55,31 @@ def instance_model(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: in
                      attention_dp=attention_dp, expert_dtype=r.expert_dtype, backend=r.backend, pp=pp, ep=ep)
 
 
+def widen_to_fit(r: ResolvedRow, params: PerfParams) -> tuple[ResolvedRow, str]:
+    """`r` itself when its weights fit its GPUs; else `r` on the fewest doublings of each too-small pool's
+    GPUs that hold them, and a note saying so. A run that was measured did fit: such a row misstates its
+    layout (an export that dropped attention-DP/EP ranks), and this is the smallest layout that ran."""
+    fields = [("tp", "attn_dp", "pp", "ep")] if r.mode == "agg" else [
+        ("prefill_tp", "prefill_attn_dp", "prefill_pp", "prefill_ep"), ("decode_tp", "attn_dp", "pp", "ep")]
+    changes, notes = {}, []
+    for tp_f, dp_f, pp_f, ep_f in fields:
+        tp = getattr(r, tp_f)
+        for _ in range(7):
+            pm = instance_model(r, tp, params, getattr(r, dp_f), getattr(r, pp_f), getattr(r, ep_f))
+            if pm.resident_weight_bytes < 0.9 * r.gpu.memory_bytes:
+                break
+            tp *= 2
+        if tp != getattr(r, tp_f):
+            changes[tp_f] = tp
+            notes.append(f"{tp_f.replace('_', ' ')} {getattr(r, tp_f)} -> {tp}")
+    if "decode_tp" in changes:
+        changes["tp"] = changes["decode_tp"]
+    if not changes:
+        return r, ""
+    return replace(r, **changes), ("weights exceed GPU memory as stated; costed on the fewest GPUs that hold "
+                                   f"them ({', '.join(notes)})")
+
+
 def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                      params: PerfParams | None = None) -> pd.DataFrame:
     """Predictions for resolved rows; `params` overrides every row's family parameters (calibration)."""
@@ -65,9 +95,14 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                r.prefill_ep, r.backend_version)
         groups[key].append(i)
     for idx in groups.values():
-        r = rows[idx[0]]
-        p = params or load_perf_params(r.gpu.name)
-        sel = [rows[i] for i in idx]
+        p = params or load_perf_params(rows[idx[0]].gpu.name)
+        widened = [widen_to_fit(rows[i], p) for i in idx[:1]][0]  # the layout is the group's
+        sel = [replace(rows[i], tp=widened[0].tp, prefill_tp=widened[0].prefill_tp, decode_tp=widened[0].decode_tp)
+               for i in idx]
+        r = sel[0]
+        if widened[1]:
+            for i in idx:
+                reasons[i] = widened[1]
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
         try:
             if r.mode == "agg":
@@ -86,7 +121,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,
-                                    frontend_s=p.frontend(r.backend))
+                                    frontend_s=(0.0, 0.0), prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
         except (ValueError, ZeroDivisionError) as exc:
             for i in idx:
                 reasons[i] = f"cannot cost: {exc}"

@@ -215,14 +215,17 @@ def _parallelism(row: dict, prefix: str) -> Parallelism:
     return Parallelism(stage, dp, pp, ep if stage % ep == 0 else 1)
 
 
-def _concurrency(row: dict) -> int:
-    """The closed loop's concurrency: `batch_size` (or `concurrency`), else the `silicon_concurrency=N` the
-    measured-data exports record in `silicon_data_source`; 0 when neither says."""
-    stated = _int(row.get("batch_size") or row.get("concurrency"))
-    if stated:
-        return stated
+def _concurrency(row: dict, prefix: str = "") -> int:
+    """The closed loop's concurrency. The `silicon_concurrency=N` that measured-data exports record in
+    `silicon_data_source` is what the benchmark client ran, so it wins; else `concurrency`, else
+    `batch_size` counted aiconfigurator's way, per attention-DP rank (x `attention_dp_size`: its
+    exports pair c512 with batch 128 at attention DP 4); 0 when nothing says."""
     found = re.search(r"silicon_concurrency=(\d+)", str(row.get("silicon_data_source") or ""))
-    return int(found.group(1)) if found else 0
+    if found and int(found.group(1)) > 0:
+        return int(found.group(1))
+    if _int(row.get("concurrency")):
+        return _int(row.get("concurrency"))
+    return _int(row.get(f"{prefix}batch_size")) * max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
 
 
 def resolve_row(row: dict) -> ResolvedRow:
@@ -255,12 +258,13 @@ def resolve_row(row: dict) -> ResolvedRow:
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
                            attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version)
     if mode == "disagg":
-        pw, dw = _int(row.get("prefill_num_workers"), 1), _int(row.get("decode_num_workers"), 1)
+        # Worker counts left out (0): the performance model sizes those pools to the load.
+        pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)
         pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
-        dbs = _int(row.get("decode_batch_size"))
-        conc = _concurrency(row) or dbs * max(dw, 1)
-        if conc < 1 or pw < 1 or dw < 1:
-            raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts")
+        # Else every decode worker's batch, per attention-DP rank as aiconfigurator counts it.
+        conc = _concurrency(row) or _int(row.get("decode_batch_size")) * dec.attn_dp * max(dw, 1)
+        if conc < 1 or pw < 0 or dw < 0:
+            raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts >= 0")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
                            pre.stage_gpus, max(1, _int(row.get("prefill_batch_size"), 1)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,

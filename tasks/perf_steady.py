@@ -65,7 +65,8 @@ PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
 RECOMPUTE_PER_OUTPUT_TOKEN = 1.3  # vLLM-style preemption when the KV cache binds (see agg_steady)
-FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
+FRONTEND_BLEND = 4.0
+SIZED_PREFILL_LOAD = 0.8  # prefill-pool utilisation a PD row without worker counts is taken to run at  # exponent of the smooth maximum of engine and frontend cycle times
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -127,7 +128,9 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     """
     s = scheduler(backend, pm.gpu)
     I, O, C_all = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
-    B = float(max_batched_tokens or s.chunk_tokens)
+    # Each attention-DP rank runs its own scheduler: token and sequence budgets are per rank.
+    dp = pm.attention_dp
+    B = float(max_batched_tokens or s.chunk_tokens) * dp
     kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
     # Weights that do not fit at all cannot run; a KV estimate below one request is our reserve guess
     # being too large for a deployment that exists, so it runs one request at a time.
@@ -136,7 +139,7 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     C, kv = C_all / engines, np.maximum(kv / engines, I + O)  # one virtual engine's share
     need = I + O if s.reserve_full_context else I + O / 2
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
-    R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) / engines), kv / pm.footprint(need)), 1.0)
+    R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) * dp / engines), kv / pm.footprint(need)), 1.0)
     ctx = I + O / 2
     dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
     conc_exp, isl_exp, *osl_exp = sync_exps
@@ -199,21 +202,33 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
 
 def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc, prefill_workers,
                   decode_workers, *, request_overhead_s: float = 0.0, reserve_gib: float = 4.0,
-                  kv_link_gbps: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0)
-                  ) -> dict[str, np.ndarray]:
+                  kv_link_gbps: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
+                  prompts_per_client: float = 0.0) -> dict[str, np.ndarray]:
     """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` as
-    in `agg_steady`)."""
+    in `agg_steady`). `prompts_per_client` > 0 prices a finite benchmark run (every client starts at
+    once); 0 is the steady state. Worker counts of 0 size that pool to the load (SIZED_PREFILL_LOAD)."""
     I, O, C, Wp, Wd = (np.asarray(x, dtype=float) for x in (isl, osl, conc, prefill_workers, decode_workers))
     ctx = I + O / 2
-    prefill = pm_p.step(prefill_tokens=I, prefill_attn_context=causal_context(0, I))
-    tau = np.asarray(prefill.seconds, float)
+    # A prefill worker batches the prompts waiting for it, up to its scheduler's token budget on each
+    # attention-DP rank: under load it runs fewer, larger (more efficient) steps.
+    b_max = pm_p.attention_dp * np.maximum(1.0, scheduler(backend, pm_p.gpu).chunk_tokens / np.maximum(I, 1.0))
+
+    def prefill_step(b):
+        return pm_p.step(prefill_tokens=b * I, prefill_attn_context=b * causal_context(0, I), prefill_seqs=b)
+
+    tau_full = np.asarray(prefill_step(b_max).seconds, float) / b_max  # seconds per prompt, full batches
     if kv_link_gbps is None:
         transfer = pm_p.kv_transfer_s(I)
     else:
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
-    cap = Wd * np.minimum(scheduler(backend, pm_d.gpu).max_seqs, np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
+    per_worker_cap = np.minimum(scheduler(backend, pm_d.gpu).max_seqs * pm_d.attention_dp,
+                                np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
+    # A pool whose size the row leaves out (0 workers) is taken as sized to the load: enough decode workers
+    # to hold the loop's requests, enough prefill workers to keep up with them at SIZED_PREFILL_LOAD.
+    Wd = np.where(Wd > 0, Wd, np.maximum(1.0, np.ceil(C / per_worker_cap)))
+    cap = Wd * per_worker_cap
     ok = fits(pm_p, pm_d) & (I > 0)
     # Pipeline parallelism: a prompt still passes every stage in turn (latency tau), but `pp` prompts, or
     # decode micro-batches, are in flight per worker.
@@ -227,9 +242,32 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         per = micro_batch(n_d)
         return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
 
+    def tpot_full():  # the decode pool holding the whole loop
+        per = micro_batch(np.minimum(C, cap))
+        return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
+
+    Wp = np.where(Wp > 0, Wp, np.maximum(1.0, np.ceil(
+        np.minimum(C, cap) / (np.maximum(O - 1, 1.0) * tpot_full()) * tau_full / (pp_p * SIZED_PREFILL_LOAD))))
+
+    warm = {"b": np.ones_like(C * I)}  # the bisection's rates converge: start each fixed point at the last
+
+    def prefill_batch(x):
+        """Prompts per prefill step at request rate x: those arriving during one step, 1 to b_max."""
+        lam, b = x / (Wp * pp_p), warm["b"]
+        for _ in range(2):
+            b = np.clip(lam * np.asarray(prefill_step(b).seconds, float), 1.0, b_max)
+        warm["b"] = b
+        return b
+
     def ttft_at(x):
-        rho = np.minimum(x * tau / (Wp * pp_p), 0.999)
-        return request_overhead_s + tau * (1 + rho / (2 * (1 - rho))) + transfer + tpot_at(0 * x + 1), rho
+        b = prefill_batch(x)
+        step_s = np.asarray(prefill_step(b).seconds, float)
+        # Below one prompt per step it is an M/D/1 queue; batching caps the wait at half a step. The
+        # pool's capacity is its full batches' rate (rho >= 1: the closed loop queues in front of it).
+        u = np.minimum(x * step_s / (b * Wp * pp_p), 0.999)
+        rho = x * tau_full / (Wp * pp_p)
+        wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
+        return request_overhead_s + step_s + wait + transfer + tpot_at(0 * x + 1), rho
 
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
     for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
@@ -244,10 +282,16 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     service, _ = ttft_at(x)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
     ttft = ttft + frontend_wait(ttft + (O - 1) * tpot, C, O, frontend_s)
+    if prompts_per_client > 0:
+        # A benchmark starts its C clients at once: that first wave's prompts queue for the prefill pool
+        # together (on average half of them ahead), one in `prompts_per_client` of the requests measured.
+        first_wave = 0.5 * np.minimum(C, cap) * tau_full / (Wp * pp_p)
+        ttft = ttft + first_wave / prompts_per_client
     tok_s = C * O / (ttft + (O - 1) * tpot)
     nan = np.where(ok, 1.0, np.nan)
     per = micro_batch(n_d)
     decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)
+    prefill = prefill_step(prefill_batch(x))
     first = pm_d.step(decode_seqs=1, decode_context_tokens=ctx)  # the decode instance's first step
     ttft_parts = _mix((1.0, _parts(prefill)), (1.0, _parts(first)))
     ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer

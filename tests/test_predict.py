@@ -12,10 +12,10 @@ from flows.cli import main
 from tasks.catalog import load_gpu, load_model
 from tasks.paths import REPO_ROOT
 from tasks.perf_calibration import abs_pct_errors, fit, summarize
-from tasks.perf_model import PerfModel, PerfParams
+from tasks.perf_model import PerfModel, PerfParams, causal_context, load_perf_params
 from tasks.perf_plan import expected_accepted, spec_decode_step
-from tasks.perf_predict import PRED_COLUMNS, predict_frame
-from tasks.perf_rows import resolve_backend, resolve_gpu, resolve_model, resolve_precision
+from tasks.perf_predict import PRED_COLUMNS, instance_model, predict_frame
+from tasks.perf_rows import resolve_backend, resolve_gpu, resolve_model, resolve_precision, resolve_row
 from tasks.perf_sim import poisson_trace, simulate
 
 CALIBRATION = REPO_ROOT.parent / "shared" / "calibration" / "measured_agg_h100.csv"
@@ -91,7 +91,6 @@ def test_systems_and_precisions_resolve() -> None:
     ("b200_sxm", "nvfp4", "nvfp4", "int4"), ("h100_sxm", "bf16", "nvfp4", "bf16"),
 ])
 def test_kv_cache_dtype_follows_the_row(system: str, precision: str, kv_column: str, kv: str) -> None:
-    from tasks.perf_rows import resolve_row
 
     row = _row(system=system, precision=precision, kvcache_quant_mode=kv_column)
     assert resolve_row(row).kv_dtype == kv
@@ -104,13 +103,19 @@ def test_bad_rows_get_a_reason_and_good_rows_a_prediction() -> None:
     assert list(out.columns[-4:]) == list(PRED_COLUMNS)
     assert out.loc[0, "pred_reason"] == "" and np.isfinite(out.loc[0, ["pred_ttft_ms", "pred_tpot_ms"]]).all()
     assert (out.loc[1:, "pred_reason"] != "").all()
-    assert out.loc[1:, "pred_ttft_ms"].isna().all()
-    assert "weights alone exceed" in out.loc[6, "pred_reason"]
-    # No batch_size: the concurrency the export recorded in silicon_data_source, else a reason.
+    assert out.loc[1:5, "pred_ttft_ms"].isna().all()
+    # A measured run whose weights cannot fit its stated GPUs misstates its layout: it is costed on the
+    # fewest GPUs that hold them (DeepSeek-V3 FP8, 671 GB: 16 H100s), and the reason says so.
+    assert "tp 1 -> 16" in out.loc[6, "pred_reason"]
+    widened = _predict(_row(model_path="deepseek-ai/DeepSeek-V3", tp_size=16))
+    assert out.loc[6, "pred_ttft_ms"] == widened.loc[0, "pred_ttft_ms"] and widened.loc[0, "pred_reason"] == ""
+    # Concurrency: the silicon_concurrency the export recorded wins; else batch_size per attention-DP rank.
     src = "source_file=/data/h100_sxm/vllm/0.12.0/Qwen_Qwen3-32B.csv; silicon_concurrency=16"
-    recorded = _predict(_row(), _row(batch_size=None, silicon_data_source=src), _row(batch_size=None))
-    assert recorded.loc[1, "pred_ttft_ms"] == recorded.loc[0, "pred_ttft_ms"]
+    recorded = _predict(_row(), _row(batch_size=None, silicon_data_source=src), _row(batch_size=None),
+                        _row(batch_size=4, silicon_data_source=src))
+    assert recorded.loc[1, "pred_ttft_ms"] == recorded.loc[0, "pred_ttft_ms"] == recorded.loc[3, "pred_ttft_ms"]
     assert "batch_size" in recorded.loc[2, "pred_reason"]
+    assert resolve_row(_row(batch_size=128, attention_dp_size=4, tp_size=1)).concurrency == 512
     spelled = _predict(_row(mode="aggregated"), _disagg(batch_size=16), {**_disagg(batch_size=16), "mode": "Disaggregated"})
     assert spelled.loc[0, "pred_ttft_ms"] == out.loc[0, "pred_ttft_ms"]
     assert spelled.loc[2, "pred_ttft_ms"] == spelled.loc[1, "pred_ttft_ms"]
@@ -269,6 +274,49 @@ def test_disagg_rows_are_predicted_and_respond_to_pools() -> None:
     assert out.loc[1, "pred_ttft_ms"] > out.loc[0, "pred_ttft_ms"]  # more users queue for the prefill pool
     assert out.loc[2, "pred_ttft_ms"] < out.loc[1, "pred_ttft_ms"]  # ... unless it grows
     assert out.loc[3, "pred_tpot_ms"] < out.loc[1, "pred_tpot_ms"]  # wider decode TP, faster steps
+
+
+def test_a_loaded_prefill_worker_batches_its_prompts() -> None:
+    # One prefill worker under a closed loop far beyond it: it runs full token budgets (8192 tokens = 64
+    # prompts of 128), so the loop's throughput is the batched rate, not one (weight-bound) prompt a step.
+    from tasks.perf_steady import disagg_steady
+
+    r = resolve_row(_disagg(batch_size=512, prefill_num_workers=1))
+    pm_p = instance_model(r, r.prefill_tp, load_perf_params("h100"))
+    pm_d = instance_model(r, 8, load_perf_params("h100"))  # a decode pool with room to spare
+    args = (pm_p, pm_d, "vllm", np.array([128.0]), np.array([128.0]), np.array([512.0]), 1, 1)
+    out = disagg_steady(*args)
+    one = pm_p.prefill_s(128)
+    full = pm_p.step(prefill_tokens=8192, prefill_attn_context=64 * causal_context(0, 128), prefill_seqs=64).seconds
+    served = out["output_tok_s"][0] / 128  # requests per second through the loop
+    assert served > 1.5 / one and served == pytest.approx(64 / full, rel=0.05)
+    # A finite benchmark's first wave (every client at once) adds its queue to one request in k.
+    waves = disagg_steady(*args, prompts_per_client=10)
+    assert waves["ttft_s"][0] - out["ttft_s"][0] == pytest.approx(0.5 * 512 * full / 64 / 10, rel=0.05)
+
+
+def test_pd_rows_without_worker_counts_are_sized_to_the_load() -> None:
+    # Exports that drop the worker counts: enough decode workers to hold the loop, enough prefill workers
+    # to keep up with it, so a high-concurrency row is not priced as one prefill worker's queue.
+    bare = {**_disagg(batch_size=None), "prefill_num_workers": None, "decode_num_workers": None,
+            "silicon_data_source": "x; silicon_concurrency=512"}
+    out = _predict(bare, {**bare, "prefill_num_workers": 1, "decode_num_workers": 1})
+    assert (out["pred_reason"] == "").all() and out.loc[0, "pred_ttft_ms"] < out.loc[1, "pred_ttft_ms"] / 5
+    assert out.loc[0, "pred_output_tok_per_s"] > 3 * out.loc[1, "pred_output_tok_per_s"]
+
+
+def test_attention_dp_ranks_schedule_in_parallel() -> None:
+    # Per-sequence host work and the token/sequence budgets belong to each attention-DP rank.
+    model, gpu = load_model("deepseek-v3"), load_gpu("h200")
+    one = PerfModel(model, gpu, "fp8", "fp8", tp=8, attention_dp=1, backend="trtllm")
+    dp8 = PerfModel(model, gpu, "fp8", "fp8", tp=8, attention_dp=8, backend="trtllm")
+    assert dp8.step(decode_seqs=512, decode_context_tokens=512 * 2000).overhead_s == pytest.approx(
+        one.step_overhead_s + one.seq_overhead_s * 512 / 8)
+    from tasks.perf_steady import agg_steady
+
+    # vLLM runs 1,024 sequences per scheduler: one scheduler caps a loop of 4,096 there, eight do not.
+    running = [agg_steady(pm, "vllm", 128, 128, 4096)["running"] for pm in (one, dp8)]
+    assert running[0] == pytest.approx(1024) and running[1] == pytest.approx(4096)
 
 
 SEED = dict(model_path="meta-llama/Llama-3.1-70B-Instruct", system="h100_sxm", backend="vllm", precision="fp8",
