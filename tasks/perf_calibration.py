@@ -36,7 +36,6 @@ SPEC: list[tuple[str, float, float, float]] = [
     *[(f"sync_conc_exp.{b}", 1.0, 0.0, 1.0) for b in BACKENDS],
     *[(f"sync_isl_exp.{b}", 0.0, 0.0, 1.0) for b in BACKENDS],
     *[(f"sync_osl_exp.{b}", 0.0, -1.0, 1.0) for b in BACKENDS],
-    ("slot_wait.trtllm", 0.1, 0.0, 2.0),  # a TensorRT-LLM trait; the others free slots at once
     # Every serving frontend does serial host work per request and per streamed token. trtllm-serve's
     # ceiling shows plainly (Llama-8B: TTFT jumps at concurrency 64-128, any TP); vLLM's API server shows
     # it as TTFT 15-20 % above the engine's at concurrency 128; SGLang's rows never reach theirs (prior).

@@ -86,10 +86,6 @@ class PerfParams:
     # ... and with the output length (requests whose decodes run longer drift apart before they finish:
     # a negative exponent; the closed loop then refills them one by one).
     sync_osl_exp: dict | None = None
-    # Completion gaps a new request waits before the runtime gives it a slot (TensorRT-LLM 1.0's measured
-    # TTFT grows with output length at low concurrency: a slot is freed a request late; perf_predict.slot_wait
-    # applies it to that version only).
-    slot_wait: dict | None = None
 
     # Serial host time of the serving frontend (HTTP, tokenising, streaming) per request and per output
     # token: a throughput ceiling, reached by small fast models at high concurrency (trtllm-serve near 50
@@ -99,9 +95,6 @@ class PerfParams:
 
     def frontend(self, backend: str) -> tuple[float, float]:
         return (self.frontend_request_s or {}).get(backend, 0.0), (self.frontend_token_s or {}).get(backend, 0.0)
-
-    def slot(self, backend: str) -> float:
-        return (self.slot_wait or {}).get(backend, 0.0)
 
     def sync(self, backend: str) -> float:
         return (self.sync_frac or {}).get(backend, 0.1)

@@ -6,7 +6,6 @@ keep empty predictions and say why in `pred_reason`.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import replace
 
@@ -37,14 +36,6 @@ def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]
             rows.append(None)
             reasons.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return rows, reasons
-
-
-def slot_wait(r: ResolvedRow, params: PerfParams) -> float:
-    """Completion gaps a new request waits for its slot. TensorRT-LLM 1.0 (the calibration's 1.0.0rc3) frees a
-    finished request's slot a completion late; 1.2 does not (GPUStack's Qwen3-8B at concurrency 4: TTFT 52
-    ms, where that wait alone would be ~0.5 s). Later and unstated versions are costed without it."""
-    v = re.match(r"v?(\d+)\.(\d+)", r.backend_version)
-    return params.slot(r.backend) if v and (int(v[1]), int(v[2])) < (1, 1) else 0.0
 
 
 def instance_model(r: ResolvedRow, tp: int, params: PerfParams, attention_dp: int = 1, pp: int = 1,
@@ -109,7 +100,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
-                                 slot_wait=slot_wait(r, p), frontend_s=p.frontend(r.backend),
+                                 frontend_s=p.frontend(r.backend),
                                  reserve_gib=p.memory_reserve_gib)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)

@@ -112,7 +112,7 @@ def frontend_wait(cycle, conc, osl, frontend_s: tuple[float, float]):
 
 
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
-               sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0), slot_wait: float = 0.0,
+               sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0),
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0)
                ) -> dict[str, np.ndarray]:
@@ -185,11 +185,9 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     ttft_parts["overhead"] = ttft_parts["overhead"] + request_overhead_s
     service_ttft = sum(ttft_parts[k] for k in PARTS) + wait_s
     lifetime = service_ttft + (O - 1) * tpot
-    # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot; a
-    # runtime that frees a finished request's slot only at the next completion makes each new one wait
-    # `slot_wait` completion gaps (none when it runs alone: no other request completes).
+    # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot.
     running = R * engines
-    queue = wait_s + (C / R - 1) * lifetime + slot_wait * lifetime * np.minimum(running - 1, 1.0) / running
+    queue = wait_s + (C / R - 1) * lifetime
     queue = queue + frontend_wait(lifetime + queue, C_all, O, frontend_s)
     ttft_parts["queue"] = queue + 0 * tpot
     ttft = sum(ttft_parts[k] for k in PARTS)

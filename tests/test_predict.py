@@ -491,17 +491,14 @@ def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: Pe
     assert pd_pred.output_tok_s == pytest.approx(5.0 * 200, rel=0.02)
 
 
-def test_only_tensorrt_llm_1_0_makes_new_requests_wait_a_completion_for_their_slot() -> None:
-    """The calibration's trtllm-serve 1.0.0rc3 rows show TTFT growing with output length at concurrency 8
-    (a slot freed a completion late); 1.2 does not, so later and unstated versions pay no such wait."""
-    trt = dict(model_path="meta-llama/Llama-3.1-8B-Instruct", backend="trtllm", isl=1024, osl=512, batch_size=8,
-               tp_size=1)
-    pred = _predict(*(_row(**trt, backend_version=v) for v in ("1.0.0rc3", "v1.2.0rc1", "")))
-    old, new, unstated = pred["pred_ttft_ms"]
-    assert old > 2 * new and new == unstated
-    assert pred["pred_tpot_ms"].nunique() == 1  # the decode steps are the same
-    df = pd.read_csv(CALIBRATION)
-    assert (df.loc[df["backend"] == "trtllm", "backend_version"] == "1.0.0rc3").all()  # the fitted behaviour
+def test_a_new_request_does_not_wait_for_a_completion_at_low_concurrency() -> None:
+    """The calibration's Llama-8B rows on trtllm-serve 1.0.0rc3 show TTFT growing with output length at
+    concurrency 8 (as if a slot freed a completion late), but Qwen3-32B and Qwen3-235B on the same version
+    and harness (benchmarks/silicon_check.py) keep it flat: no such wait is modelled, for any version."""
+    trt = dict(model_path="meta-llama/Llama-3.1-8B-Instruct", backend="trtllm", isl=1024, batch_size=8, tp_size=1)
+    pred = _predict(*(_row(**trt, osl=o, backend_version="1.0.0rc3") for o in (128, 512)))
+    short, long_ = pred["pred_ttft_ms"]
+    assert long_ < 1.5 * short  # a completion gap (~lifetime / 8) would add 220 ms at osl 512, 55 at 128
 
 
 def test_plan_waits_for_a_busy_serving_frontend() -> None:
