@@ -13,12 +13,11 @@ import numpy as np
 import pandas as pd
 
 from tasks.perf_model import PerfModel, PerfParams, load_perf_params
-from tasks.perf_rows import ResolvedRow, resolve_row
+from tasks.perf_rows import NODE_GPUS, ResolvedRow, resolve_row
 from tasks.perf_steady import agg_steady, disagg_steady
 
 PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
-# KV moves between nodes over the scale-out network once a deployment outgrows one 8-GPU node.
-NODE_GPUS = 8
+# KV moves between nodes over the scale-out network once a deployment outgrows one node (NODE_GPUS).
 SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
 # Measured PD rows come from closed-loop benchmarks of 10 prompts per client (InferenceMAX's
 # `--num-prompts $((CONC * 10))`), whose first wave all arrives at once. Their router is the
@@ -63,6 +62,8 @@ def widen_to_fit(r: ResolvedRow, params: PerfParams) -> tuple[ResolvedRow, str]:
         if tp != getattr(r, tp_f):
             changes[tp_f] = tp
             notes.append(f"{tp_f.replace('_', ' ')} {getattr(r, tp_f)} -> {tp}")
+            if r.model.is_moe and getattr(r, dp_f) == 1 and tp > NODE_GPUS:  # read as perf_rows reads such rows
+                changes[dp_f], changes[ep_f] = tp, tp
     if "decode_tp" in changes:
         changes["tp"] = changes["decode_tp"]
     if not changes:
@@ -88,8 +89,9 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
     for idx in groups.values():
         p = params or load_perf_params(rows[idx[0]].gpu.name)
         widened = [widen_to_fit(rows[i], p) for i in idx[:1]][0]  # the layout is the group's
-        sel = [replace(rows[i], tp=widened[0].tp, prefill_tp=widened[0].prefill_tp, decode_tp=widened[0].decode_tp)
-               for i in idx]
+        layout = {f: getattr(widened[0], f) for f in ("tp", "prefill_tp", "decode_tp", "attn_dp", "prefill_attn_dp",
+                                                       "ep", "prefill_ep")}
+        sel = [replace(rows[i], **layout) for i in idx]
         r = sel[0]
         if widened[1]:
             for i in idx:

@@ -48,6 +48,7 @@ MODEL_ALIASES = {
     "mistral-large-2407": "mistral-large-2411", "granite-3.1-8b": "granite-3.3-8b", "granite-3.2-8b": "granite-3.3-8b",
 }
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
+NODE_GPUS = 8  # GPUs of one NVLink node (HGX); attention TP beyond it is not a layout engines run
 GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
                "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20",
                "h20_3e": "h20-3e", "h800_sxm": "h800", "rtx_pro_6000_server": "rtx-pro-6000",
@@ -201,15 +202,19 @@ class Parallelism:
     ep: int = 1  # expert-parallel ranks (moe_ep_size)
 
 
-def _parallelism(row: dict, prefix: str) -> Parallelism:
+def _parallelism(row: dict, prefix: str, model: ModelArch) -> Parallelism:
     """One instance's layout. aiconfigurator counts tp_size per attention-DP rank (GPUs = tp x dp x pp, and
     moe_tp x moe_ep = tp x dp); SGLang's own `--tp 8 --dp 8` counts every rank in tp, which the MoE sizes
-    then show (moe_tp x moe_ep = tp)."""
+    then show (moe_tp x moe_ep = tp). A MoE row claiming attention TP beyond an 8-GPU node with no
+    attention DP (InferenceMAX's GB200 exports: tp 12-72 for DeepSeek, whose 128 heads 12, 36 or 72 ranks
+    cannot even split) is its wide-EP layout with DP attention on every rank, as those recipes run."""
     tp = max(1, _int(row.get(f"{prefix}tp_size"), 1))
     dp = max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
     pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
     ep = max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
     moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * ep
+    if model.is_moe and dp == 1 and tp > NODE_GPUS:
+        return Parallelism(tp, tp, pp, tp)
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
     stage = tp if sglang_counting else tp * dp
     return Parallelism(stage, dp, pp, ep if stage % ep == 0 else 1)
@@ -254,13 +259,13 @@ def resolve_row(row: dict) -> ResolvedRow:
         conc = _concurrency(row)
         if conc < 1:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
-        par = _parallelism(row, "")
+        par = _parallelism(row, "", model)
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
                            attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version)
     if mode == "disagg":
         # Worker counts left out (0): the performance model sizes those pools to the load.
         pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)
-        pre, dec = _parallelism(row, "prefill_"), _parallelism(row, "decode_")
+        pre, dec = _parallelism(row, "prefill_", model), _parallelism(row, "decode_", model)
         # Else every decode worker's batch, per attention-DP rank as aiconfigurator counts it.
         conc = _concurrency(row) or _int(row.get("decode_batch_size")) * dec.attn_dp * max(dw, 1)
         if conc < 1 or pw < 0 or dw < 0:

@@ -233,6 +233,12 @@ def test_attention_dp_keeps_whole_attention_weights_and_splits_the_kv() -> None:
     from tasks.perf_rows import resolve_row
 
     assert [resolve_row(_row(**ds, **lay)).ep for lay in (tp8, dep8, sgl)] == [1, 8, 8]
+    # A MoE row claiming TP beyond a node (InferenceMAX's GB200 exports: "tp 72", 128 heads) is wide EP
+    # with DP attention on every rank; a dense model keeps its stated TP.
+    wide = resolve_row(_row(**{**ds, "system": "gb200"}, tp_size=72, batch_size=4096))
+    assert (wide.tp, wide.attn_dp, wide.ep) == (72, 72, 72)
+    dense = resolve_row(_row(model_path="meta-llama/Llama-3.1-405B", tp_size=16))
+    assert (dense.tp, dense.attn_dp, dense.ep) == (16, 1, 1)
 
 
 def test_mla_decodes_absorbed_over_the_latent() -> None:
