@@ -103,7 +103,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
                                  frontend_s=p.frontend(r.backend),
-                                 reserve_gib=p.memory_reserve_gib)
+                                 reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)
                 dw = np.array([x.decode_workers for x in sel], float)

@@ -114,8 +114,8 @@ def frontend_wait(cycle, conc, osl, frontend_s: tuple[float, float]):
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
                sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0),
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
-               kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0)
-               ) -> dict[str, np.ndarray]:
+               kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
+               prompts_per_client: float = 0.0) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
 
     `frontend_s`: the serving frontend's serial host time per request and per streamed token; when the
@@ -188,6 +188,12 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot.
     running = R * engines
     queue = wait_s + (C / R - 1) * lifetime
+    if prompts_per_client > 0:
+        # A finite benchmark starts its clients at once: the first wave's prompts (as many as run) share
+        # the token budget, on average half of them ahead; one request in `prompts_per_client` pays it.
+        full = pm.step(prefill_tokens=B, prefill_attn_context=B / I * causal_context(0, I), prefill_seqs=B / I)
+        first_wave = 0.5 * R * I / B * np.asarray(full.seconds, float)
+        queue = queue + np.maximum(first_wave - service_ttft, 0.0) / prompts_per_client
     queue = queue + frontend_wait(lifetime + queue, C_all, O, frontend_s)
     ttft_parts["queue"] = queue + 0 * tpot
     ttft = sum(ttft_parts[k] for k in PARTS)
