@@ -191,9 +191,10 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     if prompts_per_client > 0:
         # A finite benchmark starts its clients at once: the first wave's prompts (as many as run) share
         # the token budget, on average half of them ahead; one request in `prompts_per_client` pays it.
+        # Where arrivals already come in whole waves (group = R: SGLang's), it is one wave more like them.
         full = pm.step(prefill_tokens=B, prefill_attn_context=B / I * causal_context(0, I), prefill_seqs=B / I)
-        first_wave = 0.5 * R * I / B * np.asarray(full.seconds, float)
-        queue = queue + np.maximum(first_wave - service_ttft, 0.0) / prompts_per_client
+        first_wave = 0.5 * R * I / B * np.asarray(full.seconds, float) * (1 - group / R)
+        queue = queue + first_wave / prompts_per_client
     queue = queue + frontend_wait(lifetime + queue, C_all, O, frontend_s)
     ttft_parts["queue"] = queue + 0 * tpot
     ttft = sum(ttft_parts[k] for k in PARTS)
