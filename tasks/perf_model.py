@@ -205,8 +205,12 @@ class PerfModel:
         self.weight_bytes_total = model.weight_bytes(weights_dtype, self.expert_dtype)
         self.params = p = params if params is not None else load_perf_params(gpu.name)
         moe_layers = model.moe_layers
-        # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor.
-        self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers + moe_layers)
+        # Per-step cost outside the roofline: the engine's own (scheduler, sampling) and the kernels' floor,
+        # `layer_latency_s` per ~8 launches. A GQA attention block and a dense MLP are ~9 kernels (1 unit);
+        # absorbed MLA decode ~12 (latent projections and norms, absorbed q/v BMMs, rope, FlashMLA: 2 units);
+        # a routed MoE block ~11 (gate, top-k, permute, two grouped GEMMs, shared expert, combine: +1 unit).
+        attn_units = 2 if model.is_mla else 1
+        self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers * attn_units + moe_layers)
         # Host work per sequence in a step, as the named engine's calibration says (none without one).
         self.seq_overhead_s = p.seq_overhead(backend) if backend else 0.0
         # W8A8 uses FP8 tensor cores; int4 (W4A16) and FP8 on a GPU without FP8 (W8A16) dequantise to bf16.

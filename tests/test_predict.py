@@ -252,6 +252,10 @@ def test_mla_decodes_absorbed_over_the_latent() -> None:
     assert decode / prefill == pytest.approx((2 * 512 + 64) / (192 + 128), rel=1e-6)
     gqa = PerfModel(load_model("qwen3-32b"), load_gpu("h200"), "bf16", "bf16", tp=2)
     assert gqa._decode_attn_s_per_ctx == gqa._attn_s_per_ctx
+    # Its kernel floor: MLA blocks launch about twice a GQA block's kernels, MoE blocks add one unit more.
+    floor = pm.params.layer_latency_s
+    assert pm.step_overhead_s - 0.002 == pytest.approx(floor * (61 * 2 + 58))  # 0.002: the default engine cost
+    assert gqa.step_overhead_s - 0.002 == pytest.approx(floor * 64)
 
 
 def _disagg(**kw) -> dict:
