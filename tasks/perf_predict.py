@@ -19,9 +19,9 @@ from tasks.perf_steady import agg_steady, disagg_steady
 PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
 # KV moves between nodes over the scale-out network once a deployment outgrows one node (NODE_GPUS).
 SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
-# Measured PD rows come from closed-loop benchmarks of 10 prompts per client (InferenceMAX's
-# `--num-prompts $((CONC * 10))`), whose first wave all arrives at once. Their router is the
-# orchestrator's (Dynamo's frontend), not the engine's own API server, so no engine frontend is charged.
+# Measured rows come from closed-loop benchmarks of about 10 prompts per client (InferenceMAX's
+# `--num-prompts $((CONC * 10))`), whose first wave all arrives at once. PD rows' router is the
+# orchestrator's (Dynamo's frontend), not the engine's own API server: no engine frontend is charged.
 BENCH_PROMPTS_PER_CLIENT = 10.0
 
 
@@ -88,14 +88,13 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         groups[key].append(i)
     for idx in groups.values():
         p = params or load_perf_params(rows[idx[0]].gpu.name)
-        widened = [widen_to_fit(rows[i], p) for i in idx[:1]][0]  # the layout is the group's
-        layout = {f: getattr(widened[0], f) for f in ("tp", "prefill_tp", "decode_tp", "attn_dp", "prefill_attn_dp",
-                                                       "ep", "prefill_ep")}
+        wide, note = widen_to_fit(rows[idx[0]], p)  # the layout is the whole group's
+        layout = {f: getattr(wide, f) for f in ("tp", "prefill_tp", "decode_tp", "attn_dp", "prefill_attn_dp", "ep",
+                                                "prefill_ep")}
         sel = [replace(rows[i], **layout) for i in idx]
         r = sel[0]
-        if widened[1]:
-            for i in idx:
-                reasons[i] = widened[1]
+        for i in idx:
+            reasons[i] = note
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
         try:
             if r.mode == "agg":

@@ -47,8 +47,8 @@ MODEL_ALIASES = {
     "mistral-small-3.1-24b": "mistral-small-24b", "mistral-small-3.2-24b": "mistral-small-24b",
     "mistral-large-2407": "mistral-large-2411", "granite-3.1-8b": "granite-3.3-8b", "granite-3.2-8b": "granite-3.3-8b",
 }
-# System names of aiconfigurator and cloud spellings -> conf/gpu names.
 NODE_GPUS = 8  # GPUs of one NVLink node (HGX); attention TP beyond it is not a layout engines run
+# System names of aiconfigurator and cloud spellings -> conf/gpu names.
 GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
                "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20",
                "h20_3e": "h20-3e", "h800_sxm": "h800", "rtx_pro_6000_server": "rtx-pro-6000",
@@ -220,7 +220,7 @@ def _parallelism(row: dict, prefix: str, model: ModelArch) -> Parallelism:
     return Parallelism(stage, dp, pp, ep if stage % ep == 0 else 1)
 
 
-def _concurrency(row: dict, prefix: str = "") -> int:
+def _concurrency(row: dict) -> int:
     """The closed loop's concurrency. The `silicon_concurrency=N` that measured-data exports record in
     `silicon_data_source` is what the benchmark client ran, so it wins; else `concurrency`, else
     `batch_size` counted aiconfigurator's way, per attention-DP rank (x `attention_dp_size`: its
@@ -230,7 +230,7 @@ def _concurrency(row: dict, prefix: str = "") -> int:
         return int(found.group(1))
     if _int(row.get("concurrency")):
         return _int(row.get("concurrency"))
-    return _int(row.get(f"{prefix}batch_size")) * max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
+    return _int(row.get("batch_size")) * max(1, _int(row.get("attention_dp_size"), 1))
 
 
 def resolve_row(row: dict) -> ResolvedRow:

@@ -65,8 +65,8 @@ PARTS = ("compute", "memory", "comm", "overhead", "queue")
 SYNC_ISL_REF = 1024.0  # prompt length at which sync_isl_exp leaves the group unchanged
 SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
 RECOMPUTE_PER_OUTPUT_TOKEN = 1.3  # vLLM-style preemption when the KV cache binds (see agg_steady)
-FRONTEND_BLEND = 4.0
-SIZED_PREFILL_LOAD = 0.8  # prefill-pool utilisation a PD row without worker counts is taken to run at  # exponent of the smooth maximum of engine and frontend cycle times
+FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
+SIZED_PREFILL_LOAD = 0.8  # prefill-pool utilisation a PD row without worker counts is taken to run at
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -235,7 +235,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     Wd = np.where(Wd > 0, Wd, np.maximum(1.0, np.ceil(C / per_worker_cap)))
     cap = Wd * per_worker_cap
     ok = fits(pm_p, pm_d) & (I > 0)
-    # Pipeline parallelism: a prompt still passes every stage in turn (latency tau), but `pp` prompts, or
+    # Pipeline parallelism: a prompt still passes every stage in turn (one prefill step), but `pp` prompts, or
     # decode micro-batches, are in flight per worker.
     pp_p, pp_d = pm_p.pp, pm_d.pp
 
