@@ -495,8 +495,9 @@ def test_excluded_runs_are_scored_but_not_fitted() -> None:
     sample = df[mask & (df["backend"] == "vllm").to_numpy() & (df["isl"] == 4096).to_numpy()]
     # They are the only FP8 rows: with them in, fp8_gemm_scale would be theirs; out, the prior holds.
     with_them = pd.concat([sample, df[~mask]]).reset_index(drop=True)
-    assert fit(with_them) == fit(sample.reset_index(drop=True))
-    assert summarize(abs_pct_errors(df[~mask].reset_index(drop=True), fit(with_them)))["predicted"] == 3
+    fitted = fit(with_them)
+    assert fitted == fit(sample.reset_index(drop=True))
+    assert summarize(abs_pct_errors(df[~mask].reset_index(drop=True), fitted))["predicted"] == 3
 
 
 def test_plan_prediction_splits_add_up_and_queueing_grows_with_rate(llama_pm: PerfModel) -> None:
