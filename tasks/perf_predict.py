@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.perf_model import PerfModel, PerfParams, load_perf_params
-from tasks.perf_rows import NODE_GPUS, ResolvedRow, resolve_row
+from tasks.perf_rows import NODE_GPUS, ResolvedRow, reads_as_wide_ep, resolve_row
 from tasks.perf_steady import agg_steady, disagg_steady
 
 PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
@@ -62,7 +62,7 @@ def widen_to_fit(r: ResolvedRow, params: PerfParams) -> tuple[ResolvedRow, str]:
         if tp != getattr(r, tp_f):
             changes[tp_f] = tp
             notes.append(f"{tp_f.replace('_', ' ')} {getattr(r, tp_f)} -> {tp}")
-            if r.model.is_moe and getattr(r, dp_f) == 1 and tp > NODE_GPUS:  # read as perf_rows reads such rows
+            if reads_as_wide_ep(r.model, tp, getattr(r, dp_f)):
                 changes[dp_f], changes[ep_f] = tp, tp
     if "decode_tp" in changes:
         changes["tp"] = changes["decode_tp"]

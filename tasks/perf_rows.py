@@ -202,6 +202,12 @@ class Parallelism:
     ep: int = 1  # expert-parallel ranks (moe_ep_size)
 
 
+def reads_as_wide_ep(model: ModelArch, tp: int, attn_dp: int) -> bool:
+    """Whether a layout of `tp` attention-TP ranks without attention DP is really wide EP with DP attention
+    on every rank: a MoE model's attention TP beyond one node is not a layout engines run."""
+    return model.is_moe and attn_dp == 1 and tp > NODE_GPUS
+
+
 def _parallelism(row: dict, prefix: str, model: ModelArch) -> Parallelism:
     """One instance's layout. aiconfigurator counts tp_size per attention-DP rank (GPUs = tp x dp x pp, and
     moe_tp x moe_ep = tp x dp); SGLang's own `--tp 8 --dp 8` counts every rank in tp, which the MoE sizes
@@ -213,7 +219,7 @@ def _parallelism(row: dict, prefix: str, model: ModelArch) -> Parallelism:
     pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
     ep = max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
     moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * ep
-    if model.is_moe and dp == 1 and tp > NODE_GPUS:
+    if reads_as_wide_ep(model, tp, dp):
         return Parallelism(tp, tp, pp, tp)
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
     stage = tp if sglang_counting else tp * dp
