@@ -131,6 +131,11 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
     df = df[fitted_rows(df)].reset_index(drop=True)
     rows, reasons = resolve_frame(df)
     start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S, moe_half_width=MOE_HALF_WIDTH)
+    versions: dict[str, set[str]] = {}
+    for r in rows:
+        if r is not None:
+            versions.setdefault(r.backend, set()).add(r.backend_version)
+    start = replace(start, frontend_versions={b: sorted(v) for b, v in sorted(versions.items())})
     full = from_params(start)
     # A backend's own parameters move only when its rows are in the fit (see _typical_for_absent).
     present = {r.backend for r in rows if r is not None}
@@ -195,7 +200,8 @@ def summarize(errors: pd.DataFrame) -> dict[str, float]:
 
 def write_params(params: PerfParams, path: Path, header: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {k: (round(v, 6) if isinstance(v, float) else
-                {kk: round(vv, 6) for kk, vv in v.items()} if isinstance(v, dict) else v)
-            for k, v in params.to_dict().items()}
+    def rounded(v):
+        return round(v, 6) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    data = {k: rounded(v) for k, v in params.to_dict().items()}
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(data, sort_keys=False))

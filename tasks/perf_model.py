@@ -92,8 +92,18 @@ class PerfParams:
     # requests/s and 13k tokens/s on H100 whatever the TP).
     frontend_request_s: dict | None = None
     frontend_token_s: dict | None = None
+    # The engine versions whose frontends those costs were measured on ({backend: [version, ...]}; None: any).
+    # A frontend is one build's host code: trtllm-serve 1.0 streamed at most ~15k tokens/s from one process,
+    # later builds (post-processing workers) and orchestrators' frontends far more, so the ceiling is not
+    # carried to a version the calibration did not run.
+    frontend_versions: dict | None = None
 
-    def frontend(self, backend: str) -> tuple[float, float]:
+    def frontend(self, backend: str, version: str | None = None) -> tuple[float, float]:
+        """Serial (per request, per output token) seconds of `backend`'s serving frontend; `version` given
+        and not among `frontend_versions`' measured ones: unmeasured, none charged."""
+        if version is not None and self.frontend_versions is not None \
+                and version not in self.frontend_versions.get(backend, ()):
+            return 0.0, 0.0
         return (self.frontend_request_s or {}).get(backend, 0.0), (self.frontend_token_s or {}).get(backend, 0.0)
 
     def sync(self, backend: str) -> float:

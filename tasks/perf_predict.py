@@ -101,7 +101,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
-                                 frontend_s=p.frontend(r.backend),
+                                 frontend_s=p.frontend(r.backend, r.backend_version),
                                  reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)

@@ -250,9 +250,10 @@ def resolve_row(row: dict) -> ResolvedRow:
         weights, compute = model.dtype, None
     experts = resolve_expert_dtype(row.get("moe_quant_mode"), model)
     kv_raw = _norm(row.get("kvcache_quant_mode") or row.get("kv_cache_quant_mode") or row.get("kv_cache_dtype"))
-    # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default). INT8 KV is one
-    # byte anywhere; NVFP4 KV (TensorRT-LLM on Blackwell) is 4-bit with scales, as our int4.
-    kv_fp8 = kv_raw.startswith("fp8") if kv_raw else weights == "fp8" and compute != "bf16"
+    # Unstated, an FP8 deployment keeps its KV cache in FP8 too (aiconfigurator's FP8 default), and so does an
+    # NVFP4 one (NVIDIA's NVFP4 checkpoints set kv_cache_quant_algo FP8). INT8 KV is one byte anywhere; NVFP4
+    # KV (TensorRT-LLM on Blackwell) is 4-bit with scales, as our int4.
+    kv_fp8 = kv_raw.startswith("fp8") if kv_raw else (weights == "fp8" and compute != "bf16") or compute == "fp4"
     kv = ("int8" if kv_raw.startswith("int8") else "int4" if kv_raw in ("nvfp4", "fp4") and gpu.fp4_tflops
           else "fp8" if kv_fp8 and gpu.supports_fp8 else "bf16")
     compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path

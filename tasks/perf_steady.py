@@ -247,12 +247,9 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         per = micro_batch(n_d)
         return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
 
-    def tpot_full():  # the decode pool holding the whole loop
-        per = micro_batch(np.minimum(C, cap))
-        return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
-
+    held = np.minimum(C, cap)  # the decode pool holding the whole loop
     Wp = np.where(Wp > 0, Wp, np.maximum(1.0, np.ceil(
-        np.minimum(C, cap) / (np.maximum(O - 1, 1.0) * tpot_full()) * tau_full / (pp_p * SIZED_PREFILL_LOAD))))
+        held / (np.maximum(O - 1, 1.0) * tpot_at(held)) * tau_full / (pp_p * SIZED_PREFILL_LOAD))))
 
     warm = {"b": np.ones_like(C * I)}  # the bisection's rates converge: start each fixed point at the last
 
@@ -272,8 +269,11 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         u = np.minimum(x * step_s / (b * Wp * pp_p), 0.999)
         rho = x * tau_full / (Wp * pp_p)
         wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
-        return request_overhead_s + step_s + wait + transfer + tpot_at(0 * x + 1), rho
+        return admission + step_s + wait + transfer + tpot_at(0 * x + 1), rho
 
+    # A PD request is admitted twice: the prefill engine's request path, then the decode engine's (its
+    # scheduler, KV allocation and pull, output path), each what one aggregated engine charges a request.
+    admission = 2 * request_overhead_s
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
     for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
         mid = (lo + hi) / 2
@@ -300,7 +300,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     first = pm_d.step(decode_seqs=1, decode_context_tokens=ctx)  # the decode instance's first step
     ttft_parts = _mix((1.0, _parts(prefill)), (1.0, _parts(first)))
     ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer
-    ttft_parts["overhead"] = ttft_parts["overhead"] + request_overhead_s
+    ttft_parts["overhead"] = ttft_parts["overhead"] + admission
     ttft_parts["queue"] = ttft - sum(ttft_parts[k] for k in PARTS)
     tpot_parts = _mix((1.0, _parts(decode)))
     return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan,

@@ -89,6 +89,8 @@ def test_systems_and_precisions_resolve() -> None:
     ("h100_sxm", "fp8", "", "fp8"), ("h100_sxm", "bf16", "", "bf16"), ("h100_sxm", "bf16", "fp8", "fp8"),
     ("h100_sxm", "fp8", "float16", "bf16"), ("a100_sxm", "bf16", "int8", "int8"), ("a100_sxm", "fp8", "", "bf16"),
     ("b200_sxm", "nvfp4", "nvfp4", "int4"), ("h100_sxm", "bf16", "nvfp4", "bf16"),
+    # NVIDIA's NVFP4 checkpoints name an FP8 KV cache (kv_cache_quant_algo FP8), on FP4 cores or not.
+    ("b200_sxm", "nvfp4", "", "fp8"), ("h200_sxm", "nvfp4", "", "fp8"), ("h100_sxm", "w4afp8", "", "bf16"),
 ])
 def test_kv_cache_dtype_follows_the_row(system: str, precision: str, kv_column: str, kv: str) -> None:
 
@@ -145,8 +147,8 @@ def test_agg_predictions_follow_physics() -> None:
 def test_nvfp4_runs_on_fp4_tensor_cores_where_the_gpu_has_them() -> None:
     ds = load_model("deepseek-v3")
     assert resolve_precision("nvfp4", "", ds) == ("int4", "fp4")
-    rows = [_row(model_path="nvidia/DeepSeek-R1-FP4", system=s, tp_size=8, isl=8192, batch_size=8, gemm_quant_mode=q)
-            for s in ("b200_sxm", "h200_sxm") for q in ("nvfp4", "w4afp8")]
+    rows = [_row(model_path="nvidia/DeepSeek-R1-FP4", system=s, tp_size=8, isl=8192, batch_size=8, gemm_quant_mode=q,
+                 kv_cache_dtype="fp8") for s in ("b200_sxm", "h200_sxm") for q in ("nvfp4", "w4afp8")]
     out = _predict(*rows)
     assert (out["pred_reason"] == "").all()
     # B200: W4A4 on FP4 cores prefills faster than the same weights with FP8 activations (attention stays
@@ -556,3 +558,31 @@ def test_a_backend_without_rows_borrows_the_fitted_backends_overheads_but_not_th
     assert p.request_overhead("trtllm") == pytest.approx(0.08)
     assert p.sync("trtllm") == pytest.approx(dict((n, v) for n, v, *_ in SPEC)["sync_frac.trtllm"])
     assert p.overhead("vllm") == pytest.approx(0.002)  # fitted backends keep their own
+
+
+def test_the_frontend_ceiling_is_charged_only_to_the_engine_builds_it_was_measured_on() -> None:
+    # Llama-8B on 8 H100s at concurrency 128 is frontend-bound on trtllm-serve 1.0.0rc3 (the calibrated build);
+    # a row of another (or no) version has an unmeasured frontend and is costed as its engine alone.
+    p = load_perf_params("h100")
+    assert "1.0.0rc3" in p.frontend_versions["trtllm"] and p.frontend("trtllm", "1.0.0rc3")[1] > 0
+    assert p.frontend("trtllm", "1.2.0") == (0.0, 0.0) and p.frontend("trtllm") == p.frontend("trtllm", "1.0.0rc3")
+    rows = [_row(model_path="meta-llama/Llama-3.1-8B-Instruct", backend="trtllm", tp_size=8, batch_size=128, osl=512,
+                 backend_version=v) for v in ("1.0.0rc3", "1.2.0", "")]
+    out = _predict(*rows)
+    assert out.loc[0, "pred_ttft_ms"] > 1.5 * out.loc[1, "pred_ttft_ms"]
+    assert out.loc[1, "pred_ttft_ms"] == pytest.approx(out.loc[2, "pred_ttft_ms"])
+    assert out["pred_tpot_ms"].nunique() == 1  # the engine's steps are the same build-independent physics
+
+
+def test_a_pd_request_pays_each_engines_admission() -> None:
+    # Disaggregated, a request passes the prefill engine's request path and then the decode engine's: its TTFT
+    # carries two of what an aggregated engine charges one request (the `overhead` part of its breakdown).
+    from tasks.perf_steady import disagg_steady
+
+    r = resolve_row(_disagg(batch_size=4))
+    params = load_perf_params("h100")
+    pm_p, pm_d = instance_model(r, r.prefill_tp, params), instance_model(r, r.decode_tp, params)
+    args = (pm_p, pm_d, "vllm", np.array([1024.0]), np.array([128.0]), np.array([4.0]), 2, 1)
+    none, some = (disagg_steady(*args, request_overhead_s=a) for a in (0.0, 0.05))
+    assert some["ttft_s"][0] - none["ttft_s"][0] == pytest.approx(0.1, rel=0.02)
+    assert some["ttft_overhead_s"][0] - none["ttft_overhead_s"][0] == pytest.approx(0.1, rel=1e-6)
