@@ -67,6 +67,10 @@ SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
 RECOMPUTE_PER_OUTPUT_TOKEN = 1.3  # vLLM-style preemption when the KV cache binds (see agg_steady)
 FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
 SIZED_PREFILL_LOAD = 0.8  # prefill-pool utilisation a PD row without worker counts is taken to run at
+# Memory settings of a deployment that runs although the engine's defaults leave its KV cache less than one
+# request (weights near the GPU's memory): the fraction raised near its practical top, activations squeezed.
+RAISED_MEM_FRAC = 0.95
+RAISED_RESERVE_GIB = 2.0
 
 
 def _parts(cost: StepCost) -> dict[str, np.ndarray]:
@@ -86,14 +90,23 @@ def _mix(*terms: tuple[np.ndarray, dict[str, np.ndarray]]) -> dict[str, np.ndarr
     return out
 
 
-def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float) -> float:
-    """Tokens of every layer the KV cache holds; a request of context c takes `pm.footprint(c)` of them."""
+def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float, one_request=None):
+    """Tokens of every layer the KV cache holds; a request of context c takes `pm.footprint(c)` of them.
+
+    `one_request` (a request's full context, tokens) says the deployment ran: where the engine's default
+    budget holds less than that, its operator raised the memory fraction, and the cache is the most the GPU
+    can hold (RAISED_MEM_FRAC of its memory less the weights and RAISED_RESERVE_GIB), at least one request."""
     s = scheduler(backend, pm.gpu)
     weights = pm.resident_weight_bytes
     mem = pm.gpu.memory_bytes
     free = (s.mem_frac * (mem - weights - reserve_gib * GIB) if s.frac_of_free
             else s.mem_frac * mem - weights - reserve_gib * GIB)
-    return max(0.0, free) / pm.resident_kv_bytes_per_token
+    tokens = max(0.0, free) / pm.resident_kv_bytes_per_token
+    if one_request is None:
+        return tokens
+    need = pm.footprint(np.asarray(one_request, dtype=float))
+    raised = max(0.0, RAISED_MEM_FRAC * mem - weights - RAISED_RESERVE_GIB * GIB) / pm.resident_kv_bytes_per_token
+    return np.where(tokens < need, np.maximum(np.maximum(tokens, raised), need), tokens)
 
 
 def fits(*pms: PerfModel) -> bool:
@@ -121,8 +134,8 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     `frontend_s`: the serving frontend's serial host time per request and per streamed token; when the
     closed loop asks for more than it serves, requests queue in front of the engine (TTFT grows).
 
-    Rows whose weights do not fit the GPUs come back as NaN; a KV cache estimated below one request is
-    taken as one request (the deployment was measured, so it ran). Pipeline parallelism (`pm.pp` > 1)
+    Rows whose weights do not fit the GPUs come back as NaN; a KV cache the defaults leave below one request
+    is taken as raised (`kv_capacity_tokens`: the deployment was measured, so it ran). Pipeline parallelism (`pm.pp` > 1)
     runs `pp` micro-batches at once, each a pass over all the layers: `pp` virtual engines sharing the
     KV cache, the sequence budget and the closed loop's requests.
     """
@@ -131,9 +144,8 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # Each attention-DP rank runs its own scheduler: token and sequence budgets are per rank.
     dp = pm.attention_dp
     B = float(max_batched_tokens or s.chunk_tokens) * dp
-    kv = kv_capacity_tokens(pm, backend, reserve_gib) if kv_tokens is None else kv_tokens
-    # Weights that do not fit at all cannot run; a KV estimate below one request is our reserve guess
-    # being too large for a deployment that exists, so it runs one request at a time.
+    # Weights that do not fit at all cannot run; a deployment that exists holds at least one request.
+    kv = kv_capacity_tokens(pm, backend, reserve_gib, I + O) if kv_tokens is None else kv_tokens
     ok = fits(pm) & (I + O > 0)
     engines = np.clip(C_all, 1.0, pm.pp)  # fewer requests than stages leave stages idle
     C, kv = C_all / engines, np.maximum(kv / engines, I + O)  # one virtual engine's share
@@ -227,7 +239,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     else:
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
-    kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib)
+    kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib, I + O)
     per_worker_cap = np.minimum(scheduler(backend, pm_d.gpu).max_seqs * pm_d.attention_dp,
                                 np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
     # A pool whose size the row leaves out (0 workers) is taken as sized to the load: enough decode workers

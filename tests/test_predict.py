@@ -586,3 +586,19 @@ def test_a_pd_request_pays_each_engines_admission() -> None:
     none, some = (disagg_steady(*args, request_overhead_s=a) for a in (0.0, 0.05))
     assert some["ttft_s"][0] - none["ttft_s"][0] == pytest.approx(0.1, rel=0.02)
     assert some["ttft_overhead_s"][0] - none["ttft_overhead_s"][0] == pytest.approx(0.1, rel=1e-6)
+
+
+def test_a_deployment_that_ran_has_the_kv_cache_its_operator_made_room_for() -> None:
+    # DeepSeek-V3 FP8 on 4 B200s under SGLang: the weights take ~88 % of each GPU, so SGLang's default memory
+    # fraction leaves no KV cache at all; the measured run held several requests, as the GPUs can once the
+    # fraction is raised (95 % less 2 GiB). Without knowing the run, the defaults stand.
+    from tasks.perf_steady import RAISED_MEM_FRAC, RAISED_RESERVE_GIB, kv_capacity_tokens
+
+    pm = PerfModel(load_model("deepseek-v3"), load_gpu("b200"), "fp8", "bf16", tp=4, backend="sglang")
+    assert kv_capacity_tokens(pm, "sglang", 7.0) == 0.0
+    raised = float(kv_capacity_tokens(pm, "sglang", 7.0, 9216.0))
+    room = RAISED_MEM_FRAC * pm.gpu.memory_bytes - pm.resident_weight_bytes - RAISED_RESERVE_GIB * 2**30
+    assert raised == pytest.approx(room / pm.resident_kv_bytes_per_token) and raised > 4 * pm.footprint(9216.0)
+    out = _predict(*[_row(model_path="deepseek-ai/DeepSeek-V3", system="b200_sxm", backend="sglang", precision="fp8",
+                          tp_size=4, isl=8192, osl=1024, batch_size=c) for c in (4, 32)])
+    assert out.loc[0, "pred_ttft_ms"] < 2000 and out.loc[1, "pred_tpot_ms"] > out.loc[0, "pred_tpot_ms"]
