@@ -45,6 +45,16 @@ def fetch() -> Path:
     return out
 
 
+def with_derived_columns(out: pd.DataFrame) -> pd.DataFrame:
+    """Columns to group by besides the CSV's: `source` (the export a row came from; the calibration's own
+    harness, aic-auto-gap-analysis, named as such) and `pd_pools` (whether a PD row states its worker counts)."""
+    first = out["silicon_data_source"].fillna("").str.split(";").str[0]
+    out["source"] = np.where(first.str.contains("aic-auto-gap-analysis"), "aic-auto-gap-analysis", first)
+    stated = out.get("prefill_num_workers", pd.Series(np.nan, index=out.index)).notna()
+    out["pd_pools"] = np.where(out["mode"].eq("disagg"), np.where(stated, "stated", "unstated"), "")
+    return out
+
+
 def summary(g: pd.DataFrame) -> pd.Series:
     signed_t = 100 * (g["pred_ttft_ms"] / g["silicon_ttft_ms"] - 1)
     signed_p = 100 * (g["pred_tpot_ms"] / g["silicon_tpot_ms"] - 1)
@@ -58,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", type=Path, help="a silicon_sample.csv (default: fetched from the wheel)")
     ap.add_argument("--by", default="mode;system,backend,mode;model_path",
-                    help="groupings to print, ';'-separated, each a ','-separated column list")
+                    help="groupings to print, ';'-separated, each a ','-separated column list (also: source, "
+                         "pd_pools)")
     ap.add_argument("--show", type=int, default=0, help="print the N worst-predicted TTFT rows")
     args = ap.parse_args(argv)
     df = pd.read_csv(args.csv or fetch())
     if CALIBRATION.is_file():
         df = df[~df["id"].isin(pd.read_csv(CALIBRATION, usecols=["id"])["id"])].reset_index(drop=True)
-    out = predict_frame(df)
+    out = with_derived_columns(predict_frame(df))
     pd.set_option("display.width", 200)
     print(f"{len(out)} measured runs not in ../shared/calibration; |% error| and median signed % error")
     print(summary(out).to_frame("all").T.round(1).to_string())

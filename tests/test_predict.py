@@ -602,3 +602,18 @@ def test_a_deployment_that_ran_has_the_kv_cache_its_operator_made_room_for() -> 
     out = _predict(*[_row(model_path="deepseek-ai/DeepSeek-V3", system="b200_sxm", backend="sglang", precision="fp8",
                           tp_size=4, isl=8192, osl=1024, batch_size=c) for c in (4, 32)])
     assert out.loc[0, "pred_ttft_ms"] < 2000 and out.loc[1, "pred_tpot_ms"] > out.loc[0, "pred_tpot_ms"]
+
+
+def test_silicon_check_groups_rows_by_export_and_by_stated_pd_pools() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("silicon_check", REPO_ROOT / "benchmarks" / "silicon_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = pd.DataFrame({
+        "silicon_data_source": ["source_file=/u/p/aic-auto-gap-analysis/data/h200_sxm/vllm/0.12.0/m.csv; x=1",
+                                "db-dump/2026-04-27; config_id=1", "db-dump/2026-04-27; config_id=2"],
+        "mode": ["agg", "disagg", "disagg"], "prefill_num_workers": [np.nan, 2.0, np.nan]})
+    out = mod.with_derived_columns(rows)
+    assert out["source"].tolist() == ["aic-auto-gap-analysis", "db-dump/2026-04-27", "db-dump/2026-04-27"]
+    assert out["pd_pools"].tolist() == ["", "stated", "unstated"]
