@@ -200,8 +200,10 @@ def summarize(errors: pd.DataFrame) -> dict[str, float]:
 
 def write_params(params: PerfParams, path: Path, header: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    def rounded(v):
-        return round(v, 6) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+    def rounded(v):  # floats to 6 places, inside per-backend dicts too; lists (versions) as they are
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return round(v, 6) if isinstance(v, float) else v
 
     data = {k: rounded(v) for k, v in params.to_dict().items()}
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(data, sort_keys=False))

@@ -135,9 +135,9 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     closed loop asks for more than it serves, requests queue in front of the engine (TTFT grows).
 
     Rows whose weights do not fit the GPUs come back as NaN; a KV cache the defaults leave below one request
-    is taken as raised (`kv_capacity_tokens`: the deployment was measured, so it ran). Pipeline parallelism (`pm.pp` > 1)
-    runs `pp` micro-batches at once, each a pass over all the layers: `pp` virtual engines sharing the
-    KV cache, the sequence budget and the closed loop's requests.
+    is taken as raised (`kv_capacity_tokens`: the deployment was measured, so it ran). Pipeline parallelism
+    (`pm.pp` > 1) runs `pp` micro-batches at once, each a pass over all the layers: `pp` virtual engines
+    sharing the KV cache, the sequence budget and the closed loop's requests.
     """
     s = scheduler(backend, pm.gpu)
     I, O, C_all = (np.asarray(x, dtype=float) for x in (isl, osl, conc))
@@ -239,6 +239,9 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     else:
         link = np.asarray(kv_link_gbps, dtype=float) * 1e9 * pm_p.params.link_eff
         transfer = pm_p.kv_transfer_s(0) + pm_p.kv_bytes_held(I) / link
+    # A PD request is admitted twice: the prefill engine's request path, then the decode engine's (its
+    # scheduler, KV allocation and pull, output path), each what one aggregated engine charges a request.
+    admission = 2 * request_overhead_s
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib, I + O)
     per_worker_cap = np.minimum(scheduler(backend, pm_d.gpu).max_seqs * pm_d.attention_dp,
                                 np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
@@ -283,9 +286,6 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
         return admission + step_s + wait + transfer + tpot_at(0 * x + 1), rho
 
-    # A PD request is admitted twice: the prefill engine's request path, then the decode engine's (its
-    # scheduler, KV allocation and pull, output path), each what one aggregated engine charges a request.
-    admission = 2 * request_overhead_s
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
     for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
         mid = (lo + hi) / 2
