@@ -94,8 +94,9 @@ def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float, one_requ
     """Tokens of every layer the KV cache holds; a request of context c takes `pm.footprint(c)` of them.
 
     `one_request` (a request's full context, tokens) says the deployment ran: where the engine's default
-    budget holds less than that, its operator raised the memory fraction, and the cache is the most the GPU
-    can hold (RAISED_MEM_FRAC of its memory less the weights and RAISED_RESERVE_GIB), at least one request."""
+    budget holds less than that, its operator raised the memory fraction towards the most the GPU can hold
+    (RAISED_MEM_FRAC of its memory less the weights and RAISED_RESERVE_GIB): all of it when the defaults
+    leave nothing, less as they approach one request (continuous, so a fit sees no jump); at least one."""
     s = scheduler(backend, pm.gpu)
     weights = pm.resident_weight_bytes
     mem = pm.gpu.memory_bytes
@@ -106,7 +107,8 @@ def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float, one_requ
         return tokens
     need = pm.footprint(np.asarray(one_request, dtype=float))
     raised = max(0.0, RAISED_MEM_FRAC * mem - weights - RAISED_RESERVE_GIB * GIB) / pm.resident_kv_bytes_per_token
-    return np.where(tokens < need, np.maximum(np.maximum(tokens, raised), need), tokens)
+    short = np.clip(1.0 - tokens / need, 0.0, 1.0)  # how far the defaults fall short of one request
+    return np.maximum(np.maximum(tokens, raised * short), np.minimum(need, np.maximum(tokens, raised)))
 
 
 def fits(*pms: PerfModel) -> bool:
