@@ -99,8 +99,9 @@ class PerfParams:
     frontend_versions: dict | None = None
 
     def frontend(self, backend: str, version: str | None = None) -> tuple[float, float]:
-        """Serial (per request, per output token) seconds of `backend`'s serving frontend; `version` given
-        and not among `frontend_versions`' measured ones: unmeasured, none charged."""
+        """Serial (per request, per output token) seconds of `backend`'s serving frontend. With a `version`
+        (a row's; "" when it names none) not among `frontend_versions`' measured builds, the frontend is
+        unmeasured and none is charged; without one (plans, simulations), the calibrated build's."""
         if version is not None and self.frontend_versions is not None \
                 and version not in self.frontend_versions.get(backend, ()):
             return 0.0, 0.0

@@ -108,7 +108,7 @@ def kv_capacity_tokens(pm: PerfModel, backend: str, reserve_gib: float, one_requ
     need = pm.footprint(np.asarray(one_request, dtype=float))
     raised = max(0.0, RAISED_MEM_FRAC * mem - weights - RAISED_RESERVE_GIB * GIB) / pm.resident_kv_bytes_per_token
     short = np.clip(1.0 - tokens / need, 0.0, 1.0)  # how far the defaults fall short of one request
-    return np.maximum(np.maximum(tokens, raised * short), np.minimum(need, np.maximum(tokens, raised)))
+    return np.maximum(np.maximum(tokens, raised * short), np.minimum(need, raised))
 
 
 def fits(*pms: PerfModel) -> bool:
