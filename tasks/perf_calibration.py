@@ -131,6 +131,7 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
     df = df[fitted_rows(df)].reset_index(drop=True)
     rows, reasons = resolve_frame(df)
     start = start or PerfParams(layer_latency_s=LAYER_LATENCY_S, moe_half_width=MOE_HALF_WIDTH)
+    # The engine builds the rows measured, per backend: whose frontends the fit's ceiling describes.
     versions: dict[str, set[str]] = {}
     for r in rows:
         if r is not None:
@@ -138,7 +139,7 @@ def fit(df: pd.DataFrame, start: PerfParams | None = None) -> PerfParams:
     start = replace(start, frontend_versions={b: sorted(v) for b, v in sorted(versions.items())})
     full = from_params(start)
     # A backend's own parameters move only when its rows are in the fit (see _typical_for_absent).
-    present = {r.backend for r in rows if r is not None}
+    present = set(versions)
     free = np.array(["." not in n or n.split(".")[1] in present for n, *_ in SPEC])
     lo, hi = np.array([s[2] for s in SPEC])[free], np.array([s[3] for s in SPEC])[free]
 

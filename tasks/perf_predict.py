@@ -20,9 +20,15 @@ PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_r
 # KV moves between nodes over the scale-out network once a deployment outgrows one node (NODE_GPUS).
 SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
 # Measured rows come from closed-loop benchmarks of about 10 prompts per client (InferenceMAX's
-# `--num-prompts $((CONC * 10))`), whose first wave all arrives at once. PD rows' router is the
-# orchestrator's (Dynamo's frontend), not the engine's own API server: no engine frontend is charged.
+# `--num-prompts $((CONC * 10))`), whose first wave all arrives at once.
 BENCH_PROMPTS_PER_CLIENT = 10.0
+
+
+def row_frontend(r: ResolvedRow, params: PerfParams) -> tuple[float, float]:
+    """The serving frontend a measured row's requests passed: a PD row's router is the orchestrator's
+    (Dynamo's frontend), not the engine's API server, so none of the engine's is charged; an aggregated
+    row's is its engine build's, where the calibration measured that build (`PerfParams.frontend`)."""
+    return (0.0, 0.0) if r.mode == "disagg" else params.frontend(r.backend, r.backend_version)
 
 
 def resolve_frame(df: pd.DataFrame) -> tuple[list[ResolvedRow | None], list[str]]:
@@ -101,7 +107,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
-                                 frontend_s=p.frontend(r.backend, r.backend_version),
+                                 frontend_s=row_frontend(r, p),
                                  reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)
@@ -113,7 +119,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,
-                                    frontend_s=(0.0, 0.0), prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
+                                    frontend_s=row_frontend(r, p), prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
         except (ValueError, ZeroDivisionError) as exc:
             for i in idx:
                 reasons[i] = f"cannot cost: {exc}"
