@@ -52,6 +52,8 @@ class GpuSpec(_Spec):
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")
     interconnect: Literal["nvlink", "pcie"]
     link_bandwidth_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth, one direction, GB/s")
+    nvlink_domain_gpus: int = Field(8, ge=1, description="GPUs one NVLink domain joins: 8 in an HGX node, "
+                                    "72 in a GB200/GB300 NVL72 rack; beyond it traffic takes the scale-out NIC")
     usd_per_hour: float = Field(gt=0, description="price of one GPU-hour; override with your contract")
 
     @model_validator(mode="after")

@@ -208,17 +208,42 @@ def reads_as_wide_ep(model: ModelArch, tp: int, attn_dp: int) -> bool:
     return model.is_moe and attn_dp == 1 and tp > NODE_GPUS
 
 
-def _parallelism(row: dict, prefix: str, model: ModelArch) -> Parallelism:
+def _unsquared(tp: int, dp: int, moe_tp: int, ep: int, gpu: GpuSpec) -> tuple[int, int] | None:
+    """(GPUs, attention DP) of a MoE layout that an export multiplied by its EP size, else None.
+
+    InferenceMAX's 2026-04 exports do this three ways. TP8 with EP8 (id `tp8_ep8`) becomes tp 64, moe_tp 8,
+    moe_ep 8, and DEP8 becomes attention DP 64, moe_tp 8, moe_ep 8: the same runs appear in the 2026-03
+    export as tp 8 (or DP 8) with moe_ep 8 and identical measurements. vLLM's TP4 with expert parallelism
+    (id `tp4_ep4`) becomes tp 4, attention DP 4, moe_ep 16. Read literally these are 64- and 16-GPU
+    instances (attention TP 64 across eight HGX nodes; TP4 x DP4), which those benchmarks did not run. The
+    first two forms are taken as squared only beyond the GPU's NVLink domain: inside an NVL72 rack tp 64
+    is a real wide layout (`reads_as_wide_ep`)."""
+    beyond = tp * dp > gpu.nvlink_domain_gpus
+    if beyond and dp == 1 and 1 < moe_tp == ep and tp == moe_tp * ep:
+        return moe_tp, 1
+    if beyond and tp == 1 and 1 < moe_tp == ep and dp == moe_tp * ep:
+        return moe_tp, moe_tp
+    if 1 < tp == dp and moe_tp == 1 and ep == tp * dp:
+        return tp, 1
+    return None
+
+
+def _parallelism(row: dict, prefix: str, model: ModelArch, gpu: GpuSpec) -> Parallelism:
     """One instance's layout. aiconfigurator counts tp_size per attention-DP rank (GPUs = tp x dp x pp, and
     moe_tp x moe_ep = tp x dp); SGLang's own `--tp 8 --dp 8` counts every rank in tp, which the MoE sizes
     then show (moe_tp x moe_ep = tp). A MoE row claiming attention TP beyond an 8-GPU node with no
     attention DP (InferenceMAX's GB200 exports: tp 12-72 for DeepSeek, whose 128 heads 12, 36 or 72 ranks
-    cannot even split) is its wide-EP layout with DP attention on every rank, as those recipes run."""
+    cannot even split) is its wide-EP layout with DP attention on every rank, as those recipes run.
+
+    Except where an export squared the layout (`_unsquared`)."""
     tp = max(1, _int(row.get(f"{prefix}tp_size"), 1))
     dp = max(1, _int(row.get(f"{prefix}attention_dp_size"), 1))
     pp = max(1, _int(row.get(f"{prefix}pp_size"), 1))
     ep = max(1, _int(row.get(f"{prefix}moe_ep_size"), 1))
-    moe = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1)) * ep
+    moe_tp = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1))
+    moe = moe_tp * ep
+    if model.is_moe and (squared := _unsquared(tp, dp, moe_tp, ep, gpu)):
+        return Parallelism(*squared, pp, ep=squared[0])
     if reads_as_wide_ep(model, tp, dp):
         return Parallelism(tp, tp, pp, tp)
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
@@ -266,13 +291,13 @@ def resolve_row(row: dict) -> ResolvedRow:
         conc = _concurrency(row)
         if conc < 1:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
-        par = _parallelism(row, "", model)
+        par = _parallelism(row, "", model, gpu)
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
                            attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version)
     if mode == "disagg":
         # Worker counts left out (0): the performance model sizes those pools to the load.
         pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)
-        pre, dec = _parallelism(row, "prefill_", model), _parallelism(row, "decode_", model)
+        pre, dec = _parallelism(row, "prefill_", model, gpu), _parallelism(row, "decode_", model, gpu)
         # Else every decode worker's batch, per attention-DP rank as aiconfigurator counts it.
         conc = _concurrency(row) or _int(row.get("decode_batch_size")) * dec.attn_dp * max(dw, 1)
         if conc < 1 or pw < 0 or dw < 0:

@@ -241,6 +241,19 @@ def test_attention_dp_keeps_whole_attention_weights_and_splits_the_kv() -> None:
     assert (wide.tp, wide.attn_dp, wide.ep) == (72, 72, 72)
     dense = resolve_row(_row(model_path="meta-llama/Llama-3.1-405B", tp_size=16))
     assert (dense.tp, dense.attn_dp, dense.ep) == (16, 1, 1)
+    # InferenceMAX's 2026-04 exports square the layout (tp x ep into tp_size, tp into moe_tp_size); the
+    # same runs, measured identically, read tp 8 / moe_ep 8 in the earlier export: 8 GPUs, not 64.
+    squared = resolve_row(_row(**ds, tp_size=64, moe_tp_size=8, moe_ep_size=8))
+    assert (squared.tp, squared.attn_dp, squared.ep) == (8, 1, 8)
+    squared_dep = resolve_row(_row(**ds, tp_size=1, attention_dp_size=64, moe_tp_size=8, moe_ep_size=8))
+    assert (squared_dep.tp, squared_dep.attn_dp, squared_dep.ep) == (8, 8, 8)
+    # vLLM's TP4 with expert parallelism exported as TP4 x DP4 with EP 16: 4 GPUs, EP4.
+    vllm_tep = resolve_row(_row(**{**ds, "backend": "vllm"}, tp_size=4, attention_dp_size=4, moe_tp_size=1,
+                                moe_ep_size=16))
+    assert (vllm_tep.tp, vllm_tep.attn_dp, vllm_tep.ep) == (4, 1, 4)
+    # Inside an NVL72 rack the same numbers are a real wide layout (64 GPUs), as the GB200 recipes run.
+    rack = resolve_row(_row(**{**ds, "system": "gb200"}, tp_size=64, moe_tp_size=8, moe_ep_size=8))
+    assert (rack.tp, rack.attn_dp, rack.ep) == (64, 64, 64)
 
 
 def test_mla_decodes_absorbed_over_the_latent() -> None:
