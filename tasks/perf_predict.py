@@ -119,7 +119,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,
-                                    frontend_s=row_frontend(r, p), prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
+                                    frontend_s=row_frontend(r, p), prompts_per_client=BENCH_PROMPTS_PER_CLIENT,
+                                    prefill_max_batch=np.array([x.prefill_batch or np.inf for x in sel], float))
         except (ValueError, ZeroDivisionError) as exc:
             for i in idx:
                 reasons[i] = f"cannot cost: {exc}"

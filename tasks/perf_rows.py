@@ -181,7 +181,7 @@ class ResolvedRow:
     tp: int  # GPUs of one pipeline stage of an aggregated instance (or of the decode pool): TP x attention-DP
     prefill_workers: int = 0
     prefill_tp: int = 0
-    prefill_batch: int = 0
+    prefill_batch: int = 0  # prompts per prefill step per attention-DP rank, where the row caps it (0: not stated)
     decode_workers: int = 0
     decode_tp: int = 0
     attn_dp: int = 1  # attention data-parallel groups within one instance (agg, or the decode pool)
@@ -303,7 +303,7 @@ def resolve_row(row: dict) -> ResolvedRow:
         if conc < 1 or pw < 0 or dw < 0:
             raise ValueError("disagg row needs concurrency (batch_size or decode_batch_size) and worker counts >= 0")
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
-                           pre.stage_gpus, max(1, _int(row.get("prefill_batch_size"), 1)), dw, dec.stage_gpus,
+                           pre.stage_gpus, max(0, _int(row.get("prefill_batch_size"), 0)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
                            prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep, backend_version=version)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

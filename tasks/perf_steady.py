@@ -222,15 +222,19 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
 def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc, prefill_workers,
                   decode_workers, *, request_overhead_s: float = 0.0, reserve_gib: float = 4.0,
                   kv_link_gbps: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
-                  prompts_per_client: float = 0.0) -> dict[str, np.ndarray]:
+                  prompts_per_client: float = 0.0, prefill_max_batch=None) -> dict[str, np.ndarray]:
     """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` as
     in `agg_steady`). `prompts_per_client` > 0 prices a finite benchmark run (every client starts at
-    once); 0 is the steady state. Worker counts of 0 size that pool to the load (SIZED_PREFILL_LOAD)."""
+    once); 0 is the steady state. Worker counts of 0 size that pool to the load (SIZED_PREFILL_LOAD).
+    `prefill_max_batch`: prompts one prefill step takes per attention-DP rank where the deployment caps it
+    (a context server's max batch size); else its scheduler's token budget alone decides."""
     I, O, C, Wp, Wd = (np.asarray(x, dtype=float) for x in (isl, osl, conc, prefill_workers, decode_workers))
     ctx = I + O / 2
     # A prefill worker batches the prompts waiting for it, up to its scheduler's token budget on each
     # attention-DP rank: under load it runs fewer, larger (more efficient) steps.
     b_max = pm_p.attention_dp * np.maximum(1.0, scheduler(backend, pm_p.gpu).chunk_tokens / np.maximum(I, 1.0))
+    if prefill_max_batch is not None:  # a stated cap of prompts per step binds below the token budget
+        b_max = np.minimum(b_max, pm_p.attention_dp * np.maximum(np.asarray(prefill_max_batch, dtype=float), 1.0))
 
     def prefill_step(b):
         return pm_p.step(prefill_tokens=b * I, prefill_attn_context=b * causal_context(0, I), prefill_seqs=b)

@@ -318,6 +318,14 @@ def test_a_loaded_prefill_worker_batches_its_prompts() -> None:
     # A finite benchmark's first wave (every client at once) adds its queue to one request in k.
     waves = disagg_steady(*args, prompts_per_client=10)
     assert waves["ttft_s"][0] - out["ttft_s"][0] == pytest.approx(0.5 * 512 * full / 64 / 10, rel=0.05)
+    # A context server capped at 4 prompts a step (a stated prefill_batch_size) serves its cap's rate instead.
+    capped = disagg_steady(*args, prefill_max_batch=np.array([4.0]))
+    four = pm_p.step(prefill_tokens=512, prefill_attn_context=4 * causal_context(0, 128), prefill_seqs=4).seconds
+    assert capped["output_tok_s"][0] / 128 == pytest.approx(4 / four, rel=0.05)
+    assert 4 / four < served
+    # ... and the predictor applies the cap only where a row states it.
+    stated, unstated = (resolve_row(_disagg(batch_size=512, prefill_batch_size=b)) for b in (4, None))
+    assert (stated.prefill_batch, unstated.prefill_batch) == (4, 0)
 
 
 def test_a_finite_benchmarks_first_wave_queues_once_per_client() -> None:
