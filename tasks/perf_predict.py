@@ -22,6 +22,11 @@ SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
 # Measured rows come from closed-loop benchmarks of about 10 prompts per client (InferenceMAX's
 # `--num-prompts $((CONC * 10))`), whose first wave all arrives at once.
 BENCH_PROMPTS_PER_CLIENT = 10.0
+# TensorRT-LLM's attention-DP recipes enable context balancing: InferenceMAX's DeepSeek-R1 launch scripts set
+# `attention_dp_config: {enable_balance: true, batching_wait_iters: 0, timeout_iters: 60}`, its gpt-oss ones
+# `enable_balance: true` (the defaults: 50 iterations). Where a row's attention DP is only inferred (wide EP),
+# nothing says how it was configured, and none is charged.
+ADP_BALANCE_TIMEOUT_ITERS = {"trtllm": 60.0}
 
 
 def row_frontend(r: ResolvedRow, params: PerfParams) -> tuple[float, float]:
@@ -70,6 +75,7 @@ def widen_to_fit(r: ResolvedRow, params: PerfParams) -> tuple[ResolvedRow, str]:
             notes.append(f"{tp_f.replace('_', ' ')} {getattr(r, tp_f)} -> {tp}")
             if reads_as_wide_ep(r.model, tp, getattr(r, dp_f)):
                 changes[dp_f], changes[ep_f] = tp, tp
+                changes["wide_ep"] = r.mode == "agg" or r.wide_ep
     if "decode_tp" in changes:
         changes["tp"] = changes["decode_tp"]
     if not changes:
@@ -90,13 +96,13 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
             continue
         key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
                r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype, r.pp, r.prefill_pp, r.ep,
-               r.prefill_ep, r.backend_version)
+               r.prefill_ep, r.backend_version, r.wide_ep)
         groups[key].append(i)
     for idx in groups.values():
         p = params or load_perf_params(rows[idx[0]].gpu.name)
         wide, note = widen_to_fit(rows[idx[0]], p)  # the layout is the whole group's
         layout = {f: getattr(wide, f) for f in ("tp", "prefill_tp", "decode_tp", "attn_dp", "prefill_attn_dp", "ep",
-                                                "prefill_ep")}
+                                                "prefill_ep", "wide_ep")}
         sel = [replace(rows[i], **layout) for i in idx]
         r = sel[0]
         for i in idx:
@@ -108,7 +114,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                                  request_overhead_s=p.request_overhead(r.backend), sync=p.sync(r.backend),
                                  sync_exps=p.sync_exps(r.backend),
                                  frontend_s=row_frontend(r, p),
-                                 reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT)
+                                 reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT,
+                                 adp_balance_iters=0.0 if r.wide_ep else ADP_BALANCE_TIMEOUT_ITERS.get(r.backend, 0.0))
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)
                 dw = np.array([x.decode_workers for x in sel], float)

@@ -192,6 +192,7 @@ class ResolvedRow:
     ep: int = 1  # expert-parallel ranks of one instance (agg, or the decode pool)
     prefill_ep: int = 1
     backend_version: str = ""  # as the row states it ("" when it does not)
+    wide_ep: bool = False  # the aggregated layout's attention DP is inferred (`reads_as_wide_ep`), not stated
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class Parallelism:
     attn_dp: int
     pp: int
     ep: int = 1  # expert-parallel ranks (moe_ep_size)
+    wide_ep: bool = False  # attention DP on every rank inferred from a MoE TP beyond a node (`reads_as_wide_ep`)
 
 
 def reads_as_wide_ep(model: ModelArch, tp: int, attn_dp: int) -> bool:
@@ -245,7 +247,7 @@ def _parallelism(row: dict, prefix: str, model: ModelArch, gpu: GpuSpec) -> Para
     if model.is_moe and (squared := _unsquared(tp, dp, moe_tp, ep, gpu)):
         return Parallelism(*squared, pp, ep=squared[0])
     if reads_as_wide_ep(model, tp, dp):
-        return Parallelism(tp, tp, pp, tp)
+        return Parallelism(tp, tp, pp, tp, wide_ep=True)
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
     stage = tp if sglang_counting else tp * dp
     return Parallelism(stage, dp, pp, ep if stage % ep == 0 else 1)
@@ -293,7 +295,8 @@ def resolve_row(row: dict) -> ResolvedRow:
             raise ValueError("batch_size (closed-loop concurrency) must be >= 1")
         par = _parallelism(row, "", model, gpu)
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
-                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version)
+                           attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version,
+                           wide_ep=par.wide_ep)
     if mode == "disagg":
         # Worker counts left out (0): the performance model sizes those pools to the load.
         pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)

@@ -126,12 +126,24 @@ def frontend_wait(cycle, conc, osl, frontend_s: tuple[float, float]):
     return cycle * ((1 + (front / cycle) ** FRONTEND_BLEND) ** (1 / FRONTEND_BLEND) - 1)
 
 
+def adp_balance_wait(ranks, rate, timeout_s):
+    """Mean time a prompt is held by attention-DP context balancing (TensorRT-LLM's `attention_dp_config`
+    with `enable_balance`, as its published DeepSeek recipes run it): while generation runs on every rank,
+    a rank's new context request waits until every rank has one, or `timeout_s` (timeout_iters steps). The
+    router spreads arrivals over the ranks without one, so a batch forms after `ranks` arrivals at `rate`
+    per second: its members wait (ranks - 1) / (2 rate) on average; a lone request waits out the timeout."""
+    return np.minimum((ranks - 1) / (2 * np.maximum(rate, 1e-9)), timeout_s)
+
+
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
                sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0),
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
-               prompts_per_client: float = 0.0) -> dict[str, np.ndarray]:
+               prompts_per_client: float = 0.0, adp_balance_iters: float = 0.0) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
+
+    `adp_balance_iters` > 0: attention-DP ranks hold new prompts until every rank has one, for at most that
+    many steps (`adp_balance_wait`).
 
     `frontend_s`: the serving frontend's serial host time per request and per streamed token; when the
     closed loop asks for more than it serves, requests queue in front of the engine (TTFT grows).
@@ -202,6 +214,8 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot.
     running = R * engines
     queue = wait_s + (C / R - 1) * lifetime
+    if adp_balance_iters > 0 and dp > 1:
+        queue = queue + adp_balance_wait(dp, C_all / (lifetime + queue), adp_balance_iters * t_avg)
     if prompts_per_client > 0:
         # A finite benchmark starts its clients at once: the first wave's prompts (as many as run) share
         # the token budget, on average half of them ahead; one request in `prompts_per_client` pays it.

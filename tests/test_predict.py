@@ -328,6 +328,32 @@ def test_a_loaded_prefill_worker_batches_its_prompts() -> None:
     assert (stated.prefill_batch, unstated.prefill_batch) == (4, 0)
 
 
+def test_trtllm_attention_dp_holds_prompts_for_context_balancing() -> None:
+    # TensorRT-LLM's attention-DP recipes balance context work: a rank's new prompt waits until all 8 ranks
+    # have one (about 7 / (2 x arrival rate)) or for 60 steps, whichever is shorter; TPOT is unchanged.
+    from tasks.perf_steady import adp_balance_wait, agg_steady
+
+    assert adp_balance_wait(8, 4.0, 10.0) == pytest.approx(7 / 8)
+    assert adp_balance_wait(8, 0.01, 0.5) == 0.5  # a lone request waits out the timeout
+    pm = PerfModel(load_model("deepseek-v3"), load_gpu("b200"), "fp8", "fp8", tp=8, attention_dp=8, ep=8)
+    plain, held = (agg_steady(pm, "trtllm", 1024.0, 1024.0, 128.0, adp_balance_iters=k) for k in (0.0, 60.0))
+    assert held["tpot_s"] == pytest.approx(plain["tpot_s"])
+    rate = float(128 / (plain["ttft_s"] + 1023 * plain["tpot_s"]))
+    extra = float(held["ttft_s"] - plain["ttft_s"])
+    assert extra == pytest.approx(7 / (2 * rate), rel=0.05)
+    # The predictor charges it to TensorRT-LLM rows that state attention DP, not to other engines' and not
+    # where attention DP is only inferred (a MoE TP beyond a node read as wide EP).
+    dep8 = dict(model_path="deepseek-ai/DeepSeek-R1", system="b200_sxm", precision="fp8", isl=1024, osl=1024,
+                batch_size=128, tp_size=1, attention_dp_size=8, moe_ep_size=8)
+    out = _predict(_row(**dep8, backend="trtllm"), _row(**dep8, backend="sglang"))
+    engine = agg_steady(instance_model(resolve_row(_row(**dep8, backend="trtllm")), 8, load_perf_params("b200"), 8,
+                                       1, 8), "trtllm", 1024.0, 1024.0, 128.0)
+    assert out.loc[0, "pred_ttft_ms"] > 1e3 * float(engine["ttft_s"]) + 100
+    wide = resolve_row(_row(**{**dep8, "system": "gb200", "tp_size": 36, "attention_dp_size": 1, "moe_ep_size": 1},
+                            backend="trtllm"))
+    assert wide.wide_ep and not resolve_row(_row(**dep8, backend="trtllm")).wide_ep
+
+
 def test_a_finite_benchmarks_first_wave_queues_once_per_client() -> None:
     # 256 clients start together on one H100: 256 prompts of 1024 tokens share 8192-token steps, so the
     # first wave waits on average half of 32 full steps; one request in 10 is in that wave. TPOT is the same.
