@@ -214,8 +214,9 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # Closed loop beyond what runs at once: each request first waits (C/R - 1) lifetimes for a slot.
     running = R * engines
     queue = wait_s + (C / R - 1) * lifetime
-    if adp_balance_iters > 0 and dp > 1:
-        queue = queue + adp_balance_wait(dp, C_all / (lifetime + queue), adp_balance_iters * t_avg)
+    if adp_balance_iters > 0 and dp > 1:  # it holds prompts only while every rank has decodes to run
+        held = adp_balance_wait(dp, C_all / (lifetime + queue), adp_balance_iters * t_avg)
+        queue = queue + np.where(C_all >= dp, held, 0.0)
     if prompts_per_client > 0:
         # A finite benchmark starts its clients at once: the first wave's prompts (as many as run) share
         # the token budget, on average half of them ahead; one request in `prompts_per_client` pays it.

@@ -341,6 +341,9 @@ def test_trtllm_attention_dp_holds_prompts_for_context_balancing() -> None:
     rate = float(128 / (plain["ttft_s"] + 1023 * plain["tpot_s"]))
     extra = float(held["ttft_s"] - plain["ttft_s"])
     assert extra == pytest.approx(7 / (2 * rate), rel=0.05)
+    # Fewer requests than ranks: some rank has nothing to decode, and the balancer lets prompts through.
+    few = [agg_steady(pm, "trtllm", 1024.0, 1024.0, 4.0, adp_balance_iters=k)["ttft_s"] for k in (0.0, 60.0)]
+    assert few[0] == pytest.approx(few[1])
     # The predictor charges it to TensorRT-LLM rows that state attention DP, not to other engines' and not
     # where attention DP is only inferred (a MoE TP beyond a node read as wide EP).
     dep8 = dict(model_path="deepseek-ai/DeepSeek-R1", system="b200_sxm", precision="fp8", isl=1024, osl=1024,
