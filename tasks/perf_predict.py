@@ -106,7 +106,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         sel = [replace(rows[i], **layout) for i in idx]
         r = sel[0]
         for i in idx:
-            reasons[i] = note
+            reasons[i] = "; ".join(n for n in (rows[i].layout_note, note) if n)
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
         try:
             if r.mode == "agg":

@@ -193,6 +193,7 @@ class ResolvedRow:
     prefill_ep: int = 1
     backend_version: str = ""  # as the row states it ("" when it does not)
     wide_ep: bool = False  # the aggregated layout's attention DP is inferred (`reads_as_wide_ep`), not stated
+    layout_note: str = ""  # how the row's layout columns were read where not literally (pred_reason)
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class Parallelism:
     pp: int
     ep: int = 1  # expert-parallel ranks (moe_ep_size)
     wide_ep: bool = False  # attention DP on every rank inferred from a MoE TP beyond a node (`reads_as_wide_ep`)
+    note: str = ""  # how the columns were read where not literally (`_unsquared`)
 
 
 def reads_as_wide_ep(model: ModelArch, tp: int, attn_dp: int) -> bool:
@@ -245,7 +247,11 @@ def _parallelism(row: dict, prefix: str, model: ModelArch, gpu: GpuSpec) -> Para
     moe_tp = max(1, _int(row.get(f"{prefix}moe_tp_size"), 1))
     moe = moe_tp * ep
     if model.is_moe and (squared := _unsquared(tp, dp, moe_tp, ep, gpu)):
-        return Parallelism(*squared, pp, ep=squared[0])
+        gpus, adp = squared
+        return Parallelism(gpus, adp, pp, ep=gpus, note=(
+            f"{prefix}tp_size {tp} x attention_dp_size {dp} with moe_tp_size {moe_tp} x moe_ep_size {ep} read as "
+            f"{gpus} GPUs ({'attention DP' if adp > 1 else 'TP'} {gpus}, EP {gpus}): an export that multiplied the "
+            "layout by its EP size"))
     if reads_as_wide_ep(model, tp, dp):
         return Parallelism(tp, tp, pp, tp, wide_ep=True)
     sglang_counting = dp > 1 and moe == tp and tp % dp == 0
@@ -296,7 +302,7 @@ def resolve_row(row: dict) -> ResolvedRow:
         par = _parallelism(row, "", model, gpu)
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
                            attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version,
-                           wide_ep=par.wide_ep)
+                           wide_ep=par.wide_ep, layout_note=par.note)
     if mode == "disagg":
         # Worker counts left out (0): the performance model sizes those pools to the load.
         pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)
@@ -308,5 +314,6 @@ def resolve_row(row: dict) -> ResolvedRow:
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, dec.stage_gpus, pw,
                            pre.stage_gpus, max(0, _int(row.get("prefill_batch_size"), 0)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
-                           prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep, backend_version=version)
+                           prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep, backend_version=version,
+                           layout_note="; ".join(n for n in (pre.note, dec.note) if n))
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

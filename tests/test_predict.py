@@ -245,6 +245,7 @@ def test_attention_dp_keeps_whole_attention_weights_and_splits_the_kv() -> None:
     # same runs, measured identically, read tp 8 / moe_ep 8 in the earlier export: 8 GPUs, not 64.
     squared = resolve_row(_row(**ds, tp_size=64, moe_tp_size=8, moe_ep_size=8))
     assert (squared.tp, squared.attn_dp, squared.ep) == (8, 1, 8)
+    assert "read as 8 GPUs (TP 8, EP 8)" in _predict(_row(**ds, tp_size=64, moe_tp_size=8, moe_ep_size=8)).loc[0, "pred_reason"]
     squared_dep = resolve_row(_row(**ds, tp_size=1, attention_dp_size=64, moe_tp_size=8, moe_ep_size=8))
     assert (squared_dep.tp, squared_dep.attn_dp, squared_dep.ep) == (8, 8, 8)
     # vLLM's TP4 with expert parallelism exported as TP4 x DP4 with EP 16: 4 GPUs, EP4.
@@ -421,11 +422,15 @@ def test_seed_scenario_disagg_vs_agg_on_8_h100(capsys: pytest.CaptureFixture) ->
 
 
 # ------------------------------------------------------------ CLI
-def test_predict_cli_writes_input_plus_predictions(tmp_path) -> None:
+def test_predict_cli_writes_input_plus_predictions(tmp_path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "in.csv"
-    pd.DataFrame([_row(), _row(model_path="acme/Unknown-1B")]).to_csv(src, index=False)
+    squared = _row(model_path="deepseek-ai/DeepSeek-R1", system="h200_sxm", precision="fp8", tp_size=64,
+                   moe_tp_size=8, moe_ep_size=8)
+    pd.DataFrame([_row(), _row(model_path="acme/Unknown-1B"), squared]).to_csv(src, index=False)
     dst = tmp_path / "sub" / "out.csv"
     assert main(["predict", "--rows", str(src), "--out", str(dst)]) == 0
+    # A row predicted with a note on how its layout was read counts as predicted.
+    assert "predicted 2 of 3 rows" in capsys.readouterr().out
     out = pd.read_csv(dst, keep_default_na=False)
     assert list(out.columns) == list(pd.read_csv(src).columns) + list(PRED_COLUMNS)
     assert float(out.loc[0, "pred_ttft_ms"]) > 0 and out.loc[0, "pred_reason"] == ""
