@@ -67,6 +67,9 @@ SYNC_OSL_REF = 256.0  # output length at which sync_osl_exp leaves it unchanged
 RECOMPUTE_PER_OUTPUT_TOKEN = 1.3  # vLLM-style preemption when the KV cache binds (see agg_steady)
 FRONTEND_BLEND = 4.0  # exponent of the smooth maximum of engine and frontend cycle times
 SIZED_PREFILL_LOAD = 0.8  # prefill-pool utilisation a PD row without worker counts is taken to run at
+# A PD request reaching a running decode instance waits out the step in flight (half a step on average),
+# then takes its first step with the others: its first token costs 1.5 of that instance's loaded steps.
+DECODE_JOIN_STEPS = 1.5
 # Memory settings of a deployment that runs although the engine's defaults leave its KV cache less than one
 # request (weights near the GPU's memory): the fraction raised near its practical top, activations squeezed.
 RAISED_MEM_FRAC = 0.95
@@ -297,7 +300,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         warm["b"] = b
         return b
 
-    def ttft_at(x):
+    def ttft_at(x, n):
         b = prefill_batch(x)
         step_s = np.asarray(prefill_step(b).seconds, float)
         # Below one prompt per step it is an M/D/1 queue; batching caps the wait at half a step. The
@@ -305,19 +308,20 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         u = np.minimum(x * step_s / (b * Wp * pp_p), 0.999)
         rho = x * tau_full / (Wp * pp_p)
         wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
-        return admission + step_s + wait + transfer + tpot_at(0 * x + 1), rho
+        # The request then joins a decode instance running n sequences (`DECODE_JOIN_STEPS`).
+        return admission + step_s + wait + transfer + DECODE_JOIN_STEPS * tpot_at(n), rho
 
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
     for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
         mid = (lo + hi) / 2
         x = mid / (np.maximum(O - 1, 1.0) * tpot_at(mid))
-        t, rho = ttft_at(x)
+        t, rho = ttft_at(x, mid)
         over = (mid + x * t > C) | (rho >= 0.999)
         hi, lo = np.where(over, mid, hi), np.where(over, lo, mid)
     n_d = np.maximum(lo, 1e-6)
     tpot = tpot_at(n_d)
     x = n_d / (np.maximum(O - 1, 1.0) * tpot)
-    service, _ = ttft_at(x)
+    service, _ = ttft_at(x, n_d)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
     ttft = ttft + frontend_wait(ttft + (O - 1) * tpot, C, O, frontend_s)
     if prompts_per_client > 0:
@@ -330,8 +334,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     per = micro_batch(n_d)
     decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)
     prefill = prefill_step(prefill_batch(x))
-    first = pm_d.step(decode_seqs=1, decode_context_tokens=ctx)  # the decode instance's first step
-    ttft_parts = _mix((1.0, _parts(prefill)), (1.0, _parts(first)))
+    ttft_parts = _mix((1.0, _parts(prefill)), (DECODE_JOIN_STEPS, _parts(decode)))
     ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer
     ttft_parts["overhead"] = ttft_parts["overhead"] + admission
     ttft_parts["queue"] = ttft - sum(ttft_parts[k] for k in PARTS)
