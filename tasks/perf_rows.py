@@ -47,7 +47,9 @@ MODEL_ALIASES = {
     "mistral-small-3.1-24b": "mistral-small-24b", "mistral-small-3.2-24b": "mistral-small-24b",
     "mistral-large-2407": "mistral-large-2411", "granite-3.1-8b": "granite-3.3-8b", "granite-3.2-8b": "granite-3.3-8b",
 }
-NODE_GPUS = 8  # GPUs of one NVLink node (HGX); attention TP beyond it is not a layout engines run
+# Attention TP beyond 8 ranks is not a layout engines run, whatever the NVLink domain (GB200 recipes use
+# DP attention there); how far NVLink reaches is the GPU's own `nvlink_domain_gpus`.
+NODE_GPUS = 8
 # System names of aiconfigurator and cloud spellings -> conf/gpu names.
 GPU_ALIASES = {"b200_sxm": "b200", "h100_sxm": "h100", "h200_sxm": "h200", "a100_sxm": "a100",
                "h100_pcie": "h100", "a100_pcie": "a100", "l40s_pcie": "l40s", "h20_sxm": "h20",

@@ -319,7 +319,9 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         over = (mid + x * t > C) | (rho >= 0.999)
         hi, lo = np.where(over, mid, hi), np.where(over, lo, mid)
     n_d = np.maximum(lo, 1e-6)
-    tpot = tpot_at(n_d)
+    per = micro_batch(n_d)
+    decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)  # the loop's decode step
+    tpot = np.asarray(decode.seconds, float)
     x = n_d / (np.maximum(O - 1, 1.0) * tpot)
     service, _ = ttft_at(x, n_d)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
@@ -331,8 +333,6 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         ttft = ttft + first_wave / prompts_per_client
     tok_s = C * O / (ttft + (O - 1) * tpot)
     nan = np.where(ok, 1.0, np.nan)
-    per = micro_batch(n_d)
-    decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)
     prefill = prefill_step(prefill_batch(x))
     ttft_parts = _mix((1.0, _parts(prefill)), (DECODE_JOIN_STEPS, _parts(decode)))
     ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer
