@@ -221,6 +221,7 @@ class PerfModel:
         # absorbed MLA decode ~12 (latent projections and norms, absorbed q/v BMMs, rope, FlashMLA: 2 units);
         # a routed MoE block ~11 (gate, top-k, permute, two grouped GEMMs, shared expert, combine: +1 unit).
         attn_units = 2 if model.is_mla else 1
+        self._layer_units = attn_units + (1 if model.is_moe else 0)  # a typical layer's (draft heads are one)
         self.step_overhead_s = step_overhead_s + p.layer_latency_s * (model.num_layers * attn_units + moe_layers)
         # Host work per sequence in a step, as the named engine's calibration says (none without one).
         self.seq_overhead_s = p.seq_overhead(backend) if backend else 0.0
@@ -375,6 +376,22 @@ class PerfModel:
         overhead_s = self.step_overhead_s + self.seq_overhead_s * seqs / self.attention_dp
         seconds = self.bound_s(compute_s, memory_s) + comm_s + overhead_s
         return StepCost(seconds, compute_s, memory_s, comm_s, overhead_s)
+
+    def draft_layer_step(self, seqs, context_tokens) -> StepCost:
+        """One pass of a one-layer draft head over `seqs` sequences holding `context_tokens` in all (DeepSeek's
+        MTP module, an EAGLE head): a decoder layer's share of a decode step, that layer's kernel floor, and
+        the 16-bit LM head it shares with the target (read whole, one row of logits per sequence); sampling
+        and scheduling are the target step's."""
+        full = self.step(decode_seqs=seqs, decode_context_tokens=context_tokens)
+        share = 1.0 / self.model.num_layers
+        head = self.model.vocab_size * self.model.hidden_size
+        compute_s = (full.compute_s * share
+                     + 2 * head * np.asarray(seqs, float) / (self.gpu.peak_flops("bf16") * self.params.mfu * self.tp))
+        memory_s = full.memory_s * share + head * DTYPE_BYTES["bf16"] / self.tp / self._hbm_bps
+        comm_s = full.comm_s * share
+        overhead_s = self.params.layer_latency_s * (self._layer_units + 1) + 0 * compute_s  # + its LM head
+        return StepCost(self.bound_s(compute_s, memory_s) + comm_s + overhead_s, compute_s, memory_s, comm_s,
+                        overhead_s)
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """One step prefilling a whole prompt alone (no chunking, no other work)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tasks.perf_model import PerfModel
+from tasks.perf_spec import NO_SPEC, SpecDecode, decode_step
 from tasks.perf_sim import poisson_trace, simulate
 from tasks.perf_steady import PARTS, agg_steady, disagg_steady
 
@@ -30,26 +31,11 @@ class Prediction:
     note: str = ""
 
 
-def expected_accepted(k: int, acceptance: float) -> float:
-    """Tokens a verify step yields with k draft tokens accepted independently with prob `acceptance`
-    (the accepted prefix plus the target's own token)."""
-    if k <= 0:
-        return 1.0
-    a = min(max(acceptance, 0.0), 0.999999)
-    return (1 - a ** (k + 1)) / (1 - a)
-
-
-def spec_decode_step(pm: PerfModel, batch: float, context: float, k: int, acceptance: float,
-                     draft: PerfModel | None = None) -> tuple[float, float]:
-    """(seconds per output token, seconds per verify cycle) of speculative decoding at `batch` sequences:
-    the target verifies k+1 tokens per sequence in one step; a draft model (None: n-gram, free) runs k
-    decode steps of its own first."""
-    verify = float(pm.step(decode_seqs=batch, decode_context_tokens=batch * context,
-                           tokens_per_decode_seq=k + 1).seconds)
-    drafting = 0.0 if draft is None else k * float(draft.step(decode_seqs=batch,
-                                                                decode_context_tokens=batch * context).seconds)
-    cycle = verify + drafting
-    return cycle / expected_accepted(k, acceptance), cycle
+def spec_decode_step(pm: PerfModel, batch: float, context: float, spec: SpecDecode) -> tuple[float, float]:
+    """(seconds per output token, seconds per verify cycle) of speculative decoding at `batch` sequences
+    (`perf_spec.decode_step`: the drafts, then a verify pass of k + 1 tokens per sequence)."""
+    cycle = float(decode_step(pm, batch, batch * context, spec).seconds)
+    return cycle / spec.tokens_per_step, cycle
 
 
 def _ms(parts: dict) -> dict[str, float]:
@@ -68,7 +54,7 @@ def frontend_queue_s(pm: PerfModel, backend: str, rate: float, mean_output: floa
 
 def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean_output: float, *,
                 max_num_batched_tokens: int, max_num_seqs: int, kv_capacity_tokens: int, replicas: int = 1,
-                spec_k: int = 0, acceptance: float = 0.0, seed: int = 0) -> Prediction:
+                spec: SpecDecode = NO_SPEC, seed: int = 0) -> Prediction:
     per = qps / replicas
     trace = poisson_trace(per, SIM_SECONDS, int(round(mean_input)), int(round(mean_output)), seed=seed)
     if len(trace[0]) == 0:
@@ -90,12 +76,12 @@ def predict_agg(pm: PerfModel, backend: str, qps: float, mean_input: float, mean
     total = sum(tpot_cf.values()) or 1.0
     tpot_parts = {k: v * tpot * 1e3 / total for k, v in tpot_cf.items()}
     note = "target rate above the serving frontend's capacity" if front_busy >= 1 else ""
-    if spec_k:
-        per_token, _ = spec_decode_step(pm, conc, mean_input + mean_output / 2, spec_k, acceptance)
+    if spec.k:
+        per_token, _ = spec_decode_step(pm, conc, mean_input + mean_output / 2, spec)
         scale = per_token / max(float(np.asarray(cf["tpot_s"]).ravel()[0]), 1e-9)
         tpot *= scale
         tpot_parts = {k: v * scale for k, v in tpot_parts.items()}
-        note = "; ".join(filter(None, (note, f"speculative: {expected_accepted(spec_k, acceptance):.2f} tokens "
+        note = "; ".join(filter(None, (note, f"speculative ({spec.method}): {spec.tokens_per_step:.2f} tokens "
                                               "per verify step")))
     done = np.isfinite(res.e2e_s)
     tok_s = replicas * float(res.output_tokens[done].sum() / res.end_s)

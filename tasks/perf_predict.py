@@ -14,6 +14,7 @@ import pandas as pd
 
 from tasks.perf_model import PerfModel, PerfParams, load_perf_params
 from tasks.perf_rows import ResolvedRow, reads_as_wide_ep, resolve_row
+from tasks.perf_spec import SpecDecode
 from tasks.perf_steady import agg_steady, disagg_steady
 
 PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
@@ -96,7 +97,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
             continue
         key = (r.model.name, r.gpu.name, r.backend, r.weights_dtype, r.compute_dtype, r.kv_dtype, r.mode, r.tp,
                r.prefill_tp, r.decode_tp, r.attn_dp, r.prefill_attn_dp, r.expert_dtype, r.pp, r.prefill_pp, r.ep,
-               r.prefill_ep, r.backend_version, r.wide_ep)
+               r.prefill_ep, r.backend_version, r.wide_ep, r.spec_method, r.spec_k, r.spec_acceptance)
         groups[key].append(i)
     for idx in groups.values():
         p = params or load_perf_params(rows[idx[0]].gpu.name)
@@ -108,6 +109,7 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
         for i in idx:
             reasons[i] = "; ".join(n for n in (rows[i].layout_note, note) if n)
         isl, osl, conc = (np.array([getattr(x, a) for x in sel], float) for a in ("isl", "osl", "concurrency"))
+        spec = SpecDecode(r.spec_k, r.spec_acceptance, r.spec_method or "ngram")
         try:
             if r.mode == "agg":
                 out = agg_steady(instance_model(r, r.tp, p, r.attn_dp, r.pp, r.ep), r.backend, isl, osl, conc,
@@ -115,7 +117,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                                  sync_exps=p.sync_exps(r.backend),
                                  frontend_s=row_frontend(r, p),
                                  reserve_gib=p.memory_reserve_gib, prompts_per_client=BENCH_PROMPTS_PER_CLIENT,
-                                 adp_balance_iters=0.0 if r.wide_ep else ADP_BALANCE_TIMEOUT_ITERS.get(r.backend, 0.0))
+                                 adp_balance_iters=0.0 if r.wide_ep else ADP_BALANCE_TIMEOUT_ITERS.get(r.backend, 0.0),
+                                 spec=spec)
             else:
                 pw = np.array([x.prefill_workers for x in sel], float)
                 dw = np.array([x.decode_workers for x in sel], float)
@@ -127,7 +130,9 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                                     request_overhead_s=p.request_overhead(r.backend),
                                     reserve_gib=p.memory_reserve_gib, kv_link_gbps=link,
                                     frontend_s=row_frontend(r, p), prompts_per_client=BENCH_PROMPTS_PER_CLIENT,
-                                    prefill_max_batch=np.array([x.prefill_batch or np.inf for x in sel], float))
+                                    prefill_max_batch=np.array([x.prefill_batch or np.inf for x in sel], float),
+                                    decode_max_batch=np.array([x.decode_max_batch or np.inf for x in sel], float),
+                                    spec=spec)
         except (ValueError, ZeroDivisionError) as exc:
             for i in idx:
                 reasons[i] = f"cannot cost: {exc}"

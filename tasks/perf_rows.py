@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from tasks.catalog import ConfigFileError, GpuSpec, ModelArch, load_gpu, load_model
+from tasks.perf_spec import LAYER_HEADS, acceptance_from_length
 
 # Checkpoint suffixes that do not change the architecture (quantised or instruction-tuned releases).
 _SUFFIXES = re.compile(r"(-(instruct|thinking|chat|it|pt|base|hf|bf16|fp8|fp8-dynamic|fp8-block|fp4|nvfp4|mxfp4|"
@@ -196,6 +197,10 @@ class ResolvedRow:
     backend_version: str = ""  # as the row states it ("" when it does not)
     wide_ep: bool = False  # the aggregated layout's attention DP is inferred (`reads_as_wide_ep`), not stated
     layout_note: str = ""  # how the row's layout columns were read where not literally (pred_reason)
+    spec_method: str = ""  # speculative decoding ("" none; else ngram or a one-layer head: `resolve_spec`)
+    spec_k: int = 0  # draft tokens per verify step
+    spec_acceptance: float = 0.0  # per draft token, given the ones before it
+    decode_max_batch: int = 0  # sequences per decode attention-DP rank, where the row caps it (0: not stated)
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,40 @@ def _concurrency(row: dict) -> int:
     return _int(row.get("batch_size")) * max(1, _int(row.get("attention_dp_size"), 1))
 
 
+def _float(v: object) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def resolve_spec(row: dict) -> tuple[str, int, float]:
+    """(method, draft tokens, per-token acceptance) of a row's speculative decoding; ("", 0, 0.0) without.
+
+    `spec_method` (or InferenceX's `spec_decoding`): none, ngram, mtp, eagle or eagle3; `num_speculative_tokens`;
+    the acceptance as `acceptance_rate` (per draft token) or `acceptance_length` (tokens per verify step,
+    vLLM's "mean acceptance length"). A measured row's acceptance is its run's, which the model cannot know."""
+    method = _norm(row.get("spec_method")) or _norm(row.get("spec_decoding"))
+    if method in ("", "none", "no", "off", "false"):
+        return "", 0, 0.0
+    if method not in ("ngram", *LAYER_HEADS):
+        raise ValueError(f"spec_method {method!r} not modelled by dolphin predict; use one of ngram, "
+                         f"{', '.join(LAYER_HEADS)} (a draft model needs its own rows)")
+    k = _int(row.get("num_speculative_tokens"), 0)
+    if k < 1:
+        raise ValueError(f"spec_method {method} needs num_speculative_tokens >= 1 (draft tokens per verify step)")
+    rate, length = _float(row.get("acceptance_rate")), _float(row.get("acceptance_length"))
+    if rate is None and length is None:
+        raise ValueError(f"spec_method {method} needs acceptance_rate (0-1, per draft token) or acceptance_length "
+                         "(tokens per verify step, as vLLM reports it)")
+    if rate is None:
+        rate = acceptance_from_length(k, length)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"acceptance_rate {rate} must lie in [0, 1)")
+    return method, k, rate
+
+
 def resolve_row(row: dict) -> ResolvedRow:
     """Raise ValueError with a one-line reason when the row cannot be modelled."""
     model = resolve_model(row.get("model_path") or row.get("model") or "")
@@ -294,6 +333,7 @@ def resolve_row(row: dict) -> ResolvedRow:
     compute = gpu.compute_path(compute) if compute else None  # NVFP4 on Hopper: its FP8 path
     mode = _MODE_ALIASES.get(_norm(row.get("mode")), _norm(row.get("mode")))
     version = _norm(row.get("backend_version"))
+    spec = dict(zip(("spec_method", "spec_k", "spec_acceptance"), resolve_spec(row)))
     isl, osl = _int(row.get("isl")), _int(row.get("osl"))
     if isl < 1 or osl < 1:
         raise ValueError("isl and osl must be positive")
@@ -304,7 +344,7 @@ def resolve_row(row: dict) -> ResolvedRow:
         par = _parallelism(row, "", model, gpu)
         return ResolvedRow(model, gpu, backend, weights, compute, kv, mode, isl, osl, conc, par.stage_gpus,
                            attn_dp=par.attn_dp, expert_dtype=experts, pp=par.pp, ep=par.ep, backend_version=version,
-                           wide_ep=par.wide_ep, layout_note=par.note)
+                           wide_ep=par.wide_ep, layout_note=par.note, **spec)
     if mode == "disagg":
         # Worker counts left out (0): the performance model sizes those pools to the load.
         pw, dw = _int(row.get("prefill_num_workers"), 0), _int(row.get("decode_num_workers"), 0)
@@ -317,5 +357,6 @@ def resolve_row(row: dict) -> ResolvedRow:
                            pre.stage_gpus, max(0, _int(row.get("prefill_batch_size"), 0)), dw, dec.stage_gpus,
                            attn_dp=dec.attn_dp, prefill_attn_dp=pre.attn_dp, expert_dtype=experts, pp=dec.pp,
                            prefill_pp=pre.pp, ep=dec.ep, prefill_ep=pre.ep, backend_version=version,
-                           layout_note="; ".join(n for n in (pre.note, dec.note) if n))
+                           layout_note="; ".join(n for n in (pre.note, dec.note) if n),
+                           decode_max_batch=max(0, _int(row.get("decode_max_batch_size"), 0)), **spec)
     raise ValueError(f"mode {mode!r} unknown; modelled: agg, disagg")

@@ -24,6 +24,7 @@ import numpy as np
 
 from tasks.catalog import GIB, GpuSpec
 from tasks.perf_model import PerfModel, StepCost, causal_context
+from tasks.perf_spec import NO_SPEC, SpecDecode, decode_step
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,12 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
                sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0),
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
                kv_tokens: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
-               prompts_per_client: float = 0.0, adp_balance_iters: float = 0.0) -> dict[str, np.ndarray]:
+               prompts_per_client: float = 0.0, adp_balance_iters: float = 0.0,
+               spec: SpecDecode = NO_SPEC) -> dict[str, np.ndarray]:
     """TTFT/TPOT seconds, output tokens/s and their breakdowns for closed-loop concurrency `conc`.
+
+    `spec`: speculative decoding; every decode step (a prefill chunk's riders' too) drafts and verifies,
+    and yields `spec.tokens_per_step` tokens per sequence, so a request decodes in (osl - 1) / that steps.
 
     `adp_balance_iters` > 0: attention-DP ranks hold new prompts until every rank has one, for at most that
     many steps (`adp_balance_wait`).
@@ -170,7 +175,8 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     # Continuous (no floor/ceil below) so the calibration's gradients see every parameter.
     R = np.maximum(np.minimum(np.minimum(C, (max_num_seqs or s.max_seqs) * dp / engines), kv / pm.footprint(need)), 1.0)
     ctx = I + O / 2
-    dec = pm.step(decode_seqs=R, decode_context_tokens=R * ctx)
+    dec = decode_step(pm, R, R * ctx, spec)
+    per_step = spec.tokens_per_step  # output tokens per sequence per decode step
     conc_exp, isl_exp, *osl_exp = sync_exps
     group = np.clip(sync * R ** conc_exp * (I / SYNC_ISL_REF) ** isl_exp
                     * (O / SYNC_OSL_REF) ** (osl_exp[0] if osl_exp else 0.0), 1.0, R)
@@ -178,8 +184,8 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
     chunk = np.minimum(B, P)
     n_chunks = np.maximum(P / B, 1.0)
     riders = (R - group) if s.mixed else 0.0
-    pf = pm.step(prefill_tokens=chunk, prefill_attn_context=chunk / I * causal_context(0, I),
-                 decode_seqs=riders, decode_context_tokens=riders * ctx, prefill_seqs=np.maximum(chunk / I, 1.0))
+    pf = decode_step(pm, riders, riders * ctx, spec, prefill_tokens=chunk,
+                     prefill_attn_context=chunk / I * causal_context(0, I), prefill_seqs=np.maximum(chunk / I, 1.0))
     t0, tc = np.asarray(dec.seconds, float), np.asarray(pf.seconds, float)
     p0, pc = _parts(dec), _parts(pf)
     own = (n_chunks + 1) / 2  # chunks until a group member's prompt is done, on average
@@ -193,9 +199,9 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
         binding = np.clip((C - at_full) / np.maximum(1.1 * at_mean - at_full, 1e-9), 0.0, 1.0)
         recompute = RECOMPUTE_PER_OUTPUT_TOKEN * binding * O
     chunk_steps = R / group * n_chunks * (1 + recompute / I)  # prefill steps per request lifetime
-    dsteps = np.maximum(O - 1, 1.0)
+    dsteps = np.maximum(O - 1, 1.0) / per_step  # decode steps of one request
     if s.mixed:
-        lifetime_steps = (O - 1) + own
+        lifetime_steps = dsteps + own
         backlog = np.maximum(0.0, chunk_steps - lifetime_steps)  # prefill-bound: prompts wait for budget
         decode_only = np.maximum(0.0, lifetime_steps - chunk_steps)
         cycle = chunk_steps * tc + decode_only * t0
@@ -204,11 +210,11 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
         tpot_terms = ((chunk_steps - np.minimum(own, chunk_steps)) / dsteps, pc), (decode_only / dsteps, p0)
         wait_s = 0.5 * t_avg + backlog * tc
     else:
-        cycle = chunk_steps * tc + (O - 1) * t0
-        t_avg = cycle / (chunk_steps + O - 1)
+        cycle = chunk_steps * tc + dsteps * t0
+        t_avg = cycle / (chunk_steps + dsteps)
         tpot_terms = ((chunk_steps - own) / dsteps, pc), (1.0, p0)
         wait_s = 0.5 * t_avg * (group < R)  # a full wave arrives at an idle engine
-    tpot_parts = _mix(*tpot_terms)
+    tpot_parts = {k: v / per_step for k, v in _mix(*tpot_terms).items()}  # a step's time per token it yields
     tpot = sum(tpot_parts[k] for k in PARTS)
     ttft_parts = _mix((own, pc))
     ttft_parts["overhead"] = ttft_parts["overhead"] + request_overhead_s
@@ -240,12 +246,15 @@ def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_
 def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc, prefill_workers,
                   decode_workers, *, request_overhead_s: float = 0.0, reserve_gib: float = 4.0,
                   kv_link_gbps: float | None = None, frontend_s: tuple[float, float] = (0.0, 0.0),
-                  prompts_per_client: float = 0.0, prefill_max_batch=None) -> dict[str, np.ndarray]:
-    """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` as
-    in `agg_steady`). `prompts_per_client` > 0 prices a finite benchmark run (every client starts at
+                  prompts_per_client: float = 0.0, prefill_max_batch=None, decode_max_batch=None,
+                  spec: SpecDecode = NO_SPEC) -> dict[str, np.ndarray]:
+    """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` and
+    `spec`, the decode pool's speculative decoding, as in `agg_steady`). `prompts_per_client` > 0 prices a finite benchmark run (every client starts at
     once); 0 is the steady state. Worker counts of 0 size that pool to the load (SIZED_PREFILL_LOAD).
     `prefill_max_batch`: prompts one prefill step takes per attention-DP rank where the deployment caps it
-    (a context server's max batch size); else its scheduler's token budget alone decides."""
+    (a context server's max batch size); else its scheduler's token budget alone decides. `decode_max_batch`:
+    sequences a decode worker runs per attention-DP rank where the deployment caps it (its max batch size,
+    SGLang's --max-running-requests); else its scheduler's default and its KV cache decide."""
     I, O, C, Wp, Wd = (np.asarray(x, dtype=float) for x in (isl, osl, conc, prefill_workers, decode_workers))
     ctx = I + O / 2
     # A prefill worker batches the prompts waiting for it, up to its scheduler's token budget on each
@@ -267,7 +276,10 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     # scheduler, KV allocation and pull, output path), each what one aggregated engine charges a request.
     admission = 2 * request_overhead_s
     kv_d = kv_capacity_tokens(pm_d, backend, reserve_gib, I + O)
-    per_worker_cap = np.minimum(scheduler(backend, pm_d.gpu).max_seqs * pm_d.attention_dp,
+    max_seqs = scheduler(backend, pm_d.gpu).max_seqs
+    if decode_max_batch is not None:
+        max_seqs = np.minimum(max_seqs, np.maximum(np.asarray(decode_max_batch, dtype=float), 1.0))
+    per_worker_cap = np.minimum(max_seqs * pm_d.attention_dp,
                                 np.maximum(kv_d / pm_d.footprint(I + O), 1.0))
     # A pool whose size the row leaves out (0 workers) is taken as sized to the load: enough decode workers
     # to hold the loop's requests, enough prefill workers to keep up with them at SIZED_PREFILL_LOAD.
@@ -282,9 +294,12 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         per_worker = n_d / Wd
         return np.maximum(per_worker / np.clip(per_worker, 1.0, pp_d), 1e-9)
 
-    def tpot_at(n_d):
+    def step_at(n_d):  # one decode step (a verify cycle with speculative decoding)
         per = micro_batch(n_d)
-        return np.asarray(pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx).seconds, float)
+        return np.asarray(decode_step(pm_d, per, per * ctx, spec).seconds, float)
+
+    def tpot_at(n_d):
+        return step_at(n_d) / spec.tokens_per_step
 
     held = np.minimum(C, cap)  # the decode pool holding the whole loop
     Wp = np.where(Wp > 0, Wp, np.maximum(1.0, np.ceil(
@@ -309,7 +324,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         rho = x * tau_full / (Wp * pp_p)
         wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
         # The request then joins a decode instance running n sequences (`DECODE_JOIN_STEPS`).
-        return admission + step_s + wait + transfer + DECODE_JOIN_STEPS * tpot_at(n), rho
+        return admission + step_s + wait + transfer + DECODE_JOIN_STEPS * step_at(n), rho
 
     lo, hi = np.zeros_like(C), np.minimum(C, np.maximum(cap, 1.0))
     for _ in range(48):  # population in decode: n_d + X(n_d) * TTFT(X) = C, left side increasing in n_d
@@ -320,8 +335,8 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         hi, lo = np.where(over, mid, hi), np.where(over, lo, mid)
     n_d = np.maximum(lo, 1e-6)
     per = micro_batch(n_d)
-    decode = pm_d.step(decode_seqs=per, decode_context_tokens=per * ctx)  # the loop's decode step
-    tpot = np.asarray(decode.seconds, float)
+    decode = decode_step(pm_d, per, per * ctx, spec)  # the loop's decode step
+    tpot = np.asarray(decode.seconds, float) / spec.tokens_per_step
     x = n_d / (np.maximum(O - 1, 1.0) * tpot)
     service, _ = ttft_at(x, n_d)
     ttft = np.maximum(service, C / x - (O - 1) * tpot)  # decode pool full: the rest wait for a slot
@@ -338,7 +353,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     ttft_parts["comm"] = ttft_parts["comm"] + transfer  # the KV transfer
     ttft_parts["overhead"] = ttft_parts["overhead"] + admission
     ttft_parts["queue"] = ttft - sum(ttft_parts[k] for k in PARTS)
-    tpot_parts = _mix((1.0, _parts(decode)))
+    tpot_parts = _mix((1.0 / spec.tokens_per_step, _parts(decode)))
     return {"ttft_s": ttft * nan, "tpot_s": tpot * nan, "output_tok_s": tok_s * nan,
             "decode_batch": n_d / Wd * nan, "transfer_s": transfer + 0 * ttft,
             **{f"ttft_{k}_s": (ttft_parts[k] + 0 * ttft) * nan for k in PARTS},

@@ -13,10 +13,11 @@ from tasks.catalog import load_gpu, load_model
 from tasks.paths import REPO_ROOT
 from tasks.perf_calibration import abs_pct_errors, fit, summarize
 from tasks.perf_model import PerfModel, PerfParams, causal_context, load_perf_params
-from tasks.perf_plan import expected_accepted, spec_decode_step
+from tasks.perf_plan import spec_decode_step
 from tasks.perf_predict import PRED_COLUMNS, instance_model, predict_frame
 from tasks.perf_rows import resolve_backend, resolve_gpu, resolve_model, resolve_precision, resolve_row
 from tasks.perf_sim import poisson_trace, simulate
+from tasks.perf_spec import SpecDecode, expected_accepted
 
 CALIBRATION = REPO_ROOT.parent / "shared" / "calibration" / "measured_agg_h100.csv"
 needs_data = pytest.mark.skipif(not CALIBRATION.is_file(), reason="shared calibration data not present")
@@ -503,10 +504,10 @@ def test_speculative_decoding_pays_off_only_with_acceptance(llama_pm: PerfModel)
     assert expected_accepted(0, 0.9) == 1.0 and expected_accepted(4, 0.0) == pytest.approx(1.0)
     assert expected_accepted(4, 0.8) == pytest.approx(sum(0.8 ** i for i in range(5)))
     plain = float(llama_pm.step(decode_seqs=8, decode_context_tokens=8 * 1500).seconds)
-    good, cycle = spec_decode_step(llama_pm, 8, 1500, 4, 0.8)
+    good, cycle = spec_decode_step(llama_pm, 8, 1500, SpecDecode(4, 0.8))
     assert good < plain < cycle  # a verify step costs more than a decode step, but yields 3.4 tokens
     draft = PerfModel(load_model("llama-3.1-8b"), load_gpu("h100"), "bf16", "bf16", tp=1)
-    bad, _ = spec_decode_step(llama_pm, 8, 1500, 4, 0.1, draft=draft)
+    bad, _ = spec_decode_step(llama_pm, 8, 1500, SpecDecode(4, 0.1, "draft_model", draft))
     assert bad > plain  # a costly draft rarely accepted is a loss
 
 

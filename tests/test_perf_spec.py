@@ -1,0 +1,101 @@
+"""Speculative decoding and decode-batch caps in the closed-loop model and `dolphin predict`."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.perf_model import load_perf_params
+from tasks.perf_predict import instance_model, predict_frame
+from tasks.perf_rows import resolve_row
+from tasks.perf_spec import SpecDecode, acceptance_from_length, decode_step, expected_accepted
+from tasks.perf_steady import agg_steady, disagg_steady
+
+
+def _row(**kw) -> dict:
+    base = dict(model_path="deepseek-ai/DeepSeek-R1", system="b200_sxm", backend="trtllm", precision="fp8",
+                mode="agg", isl=1024, osl=1024, batch_size=16, tp_size=8, moe_ep_size=8)
+    return {**base, **kw}
+
+
+def _pd(**kw) -> dict:
+    pools = dict(mode="disagg", batch_size=64, tp_size=None, moe_ep_size=None, silicon_data_source=None,
+                 prefill_num_workers=1, prefill_tp_size=8, prefill_moe_ep_size=8, decode_num_workers=2,
+                 decode_tp_size=8, decode_moe_ep_size=8)
+    return _row(**{**pools, **kw})
+
+
+def test_acceptance_length_inverts_expected_tokens() -> None:
+    assert expected_accepted(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    a = acceptance_from_length(7, 3.2)  # DeepSeek's MTP module chained 7 deep
+    assert expected_accepted(7, a) == pytest.approx(3.2, abs=1e-6) and 0.69 < a < 0.73
+    with pytest.raises(ValueError, match="between 1 and"):
+        acceptance_from_length(3, 4.5)
+
+
+def test_an_mtp_draft_costs_a_layer_not_a_model() -> None:
+    r = resolve_row(_row())
+    pm = instance_model(r, r.tp, load_perf_params("b200"), ep=r.ep)
+    plain = decode_step(pm, 16, 16 * 1536)
+    mtp = decode_step(pm, 16, 16 * 1536, SpecDecode(3, 0.7, "mtp"))
+    ngram = decode_step(pm, 16, 16 * 1536, SpecDecode(3, 0.7, "ngram"))
+    assert plain.seconds < ngram.seconds < mtp.seconds  # verifying 4 tokens, then 3 draft passes on top
+    one_pass = pm.draft_layer_step(16, 16 * 1536).seconds
+    assert mtp.seconds - ngram.seconds == pytest.approx(3 * one_pass)
+    assert one_pass < 0.2 * plain.seconds  # one of DeepSeek's 61 layers and the LM head
+
+
+def test_speculation_speeds_decode_only_with_acceptance() -> None:
+    r = resolve_row(_row())
+    pm = instance_model(r, r.tp, load_perf_params("b200"), ep=r.ep)
+    args = (pm, "trtllm", np.array([1024.0]), np.array([1024.0]), np.array([16.0]))
+    plain = agg_steady(*args)
+    good = agg_steady(*args, spec=SpecDecode(3, 0.7, "mtp"))
+    bad = agg_steady(*args, spec=SpecDecode(3, 0.0, "mtp"))
+    assert good["tpot_s"][0] < 0.7 * plain["tpot_s"][0]
+    assert bad["tpot_s"][0] > plain["tpot_s"][0]  # drafts never accepted: pure cost
+    assert good["output_tok_s"][0] > plain["output_tok_s"][0]
+    # The TPOT breakdown still adds up to the TPOT.
+    parts = sum(good[f"tpot_{k}_s"][0] for k in ("compute", "memory", "comm", "overhead", "queue"))
+    assert parts == pytest.approx(good["tpot_s"][0])
+
+
+def test_predict_reads_speculative_columns() -> None:
+    rows = [_row(), _row(spec_method="mtp", num_speculative_tokens=3, acceptance_rate=0.7),
+            _row(spec_decoding="mtp", num_speculative_tokens=3, acceptance_length=expected_accepted(3, 0.7)),
+            _pd(), _pd(spec_method="mtp", num_speculative_tokens=3, acceptance_rate=0.7),
+            _row(spec_method="mtp", num_speculative_tokens=3),  # no acceptance
+            _row(spec_method="medusa", num_speculative_tokens=3, acceptance_rate=0.7),
+            _row(spec_method="mtp", acceptance_rate=0.7)]  # no draft count
+    out = predict_frame(pd.DataFrame(rows))
+    assert (out.loc[:4, "pred_reason"] == "").all()
+    assert out.loc[1, "pred_tpot_ms"] < 0.7 * out.loc[0, "pred_tpot_ms"]
+    assert out.loc[2, "pred_tpot_ms"] == pytest.approx(out.loc[1, "pred_tpot_ms"], rel=1e-6)
+    assert out.loc[4, "pred_tpot_ms"] < 0.7 * out.loc[3, "pred_tpot_ms"]
+    assert out.loc[5:, "pred_ttft_ms"].isna().all()
+    assert "acceptance_rate" in out.loc[5, "pred_reason"]
+    assert "medusa" in out.loc[6, "pred_reason"]
+    assert "num_speculative_tokens" in out.loc[7, "pred_reason"]
+    # "none" is no speculation at all.
+    assert resolve_row(_row(spec_decoding="none")).spec_k == 0
+
+
+def test_a_capped_decode_pool_makes_the_loop_wait_for_slots() -> None:
+    # 180 users on two decode workers capped at 32 sequences each: 64 decode, the rest wait for a slot.
+    r = resolve_row(_pd())
+    p = load_perf_params("b200")
+    pm_p = instance_model(r, r.prefill_tp, p, ep=r.prefill_ep)
+    pm_d = instance_model(r, r.decode_tp, p, ep=r.ep)
+    args = (pm_p, pm_d, "trtllm", np.array([1024.0]), np.array([1024.0]), np.array([180.0]), 1, 2)
+    free = disagg_steady(*args)
+    capped = disagg_steady(*args, decode_max_batch=np.array([32.0]))
+    assert capped["decode_batch"][0] <= 32.0 + 1e-6 < free["decode_batch"][0]
+    assert capped["tpot_s"][0] < free["tpot_s"][0]
+    # Little's law: 180 users, 64 in decode; the other 116 wait in TTFT.
+    cycle = capped["ttft_s"][0] + 1023 * capped["tpot_s"][0]
+    assert capped["output_tok_s"][0] * cycle / 1024 == pytest.approx(180, rel=0.02)
+    assert capped["ttft_s"][0] > (116 / 64) * 1023 * capped["tpot_s"][0] * 0.9
+    # The predictor applies it where a row states it.
+    out = predict_frame(pd.DataFrame([_pd(silicon_data_source="silicon_concurrency=180"),
+                                      _pd(silicon_data_source="silicon_concurrency=180", decode_max_batch_size=32)]))
+    assert out.loc[1, "pred_ttft_ms"] > 3 * out.loc[0, "pred_ttft_ms"]
