@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.silicon_check import CALIBRATION, fetch, summary  # noqa: E402
 from tasks.perf_predict import predict_frame  # noqa: E402
+from tasks.perf_rows import resolve_model  # noqa: E402
 from tasks.perf_spec import acceptance_from_length  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "data" / "inferencex_disagg_recipes.csv"
@@ -41,7 +42,7 @@ RUNNERS = {"b200-multinode": "b200_sxm", "h200-multinode": "h200_sxm", "h100-mul
            "b300": "b300_sxm", "gb200": "gb200", "gb300": "gb300"}
 FRAMEWORKS = {"dynamo-trt": "trtllm", "dynamo-sglang": "sglang"}
 SGLANG_MTP_STEPS = 3  # --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4
-KEY = ["model_path", "system", "backend", "precision", "isl", "osl", "conc", "prefill_tp_size", "decode_tp_size"]
+KEY = ["model", "system", "backend", "precision", "isl", "osl", "conc", "prefill_gpus", "decode_gpus"]
 FILLED = ["prefill_num_workers", "decode_num_workers", "prefill_tp", "prefill_dp", "prefill_ep", "decode_tp",
           "decode_dp", "decode_ep", "decode_max_batch_size", "spec_k"]
 
@@ -55,10 +56,10 @@ def recipes() -> pd.DataFrame:
     # TensorRT-LLM recipe files name the generation servers' max batch size per rank (`..._dep8_batch64_...`).
     gen_batch = r["prefill_extra"].fillna("").str.extract(r"_batch(\d+)_")[0].astype(float)
     return pd.DataFrame({
-        "model_path": np.where(r["model"].str.contains("gpt-oss"), "openai/gpt-oss-120b", "deepseek-ai/DeepSeek-R1"),
+        "model": np.where(r["model"].str.contains("gpt-oss"), "gpt-oss-120b", "deepseek-v3"),
         "system": r["runner"].map(RUNNERS), "backend": r["framework"].map(FRAMEWORKS), "precision": r["precision"],
         "isl": r["isl"], "osl": r["osl"], "conc": r["conc"].astype(int),
-        "prefill_tp_size": r["prefill_tp"], "decode_tp_size": r["decode_tp"],
+        "prefill_gpus": r["prefill_tp"], "decode_gpus": r["decode_tp"],  # per worker
         "prefill_num_workers": r["prefill_num_worker"], "decode_num_workers": r["decode_num_worker"],
         "prefill_tp": r["prefill_tp"], "prefill_dp": r["prefill_dp_attn"].astype(bool), "prefill_ep": r["prefill_ep"],
         "decode_tp": r["decode_tp"], "decode_dp": r["decode_dp_attn"].astype(bool), "decode_ep": r["decode_ep"],
@@ -68,17 +69,29 @@ def recipes() -> pd.DataFrame:
     }).drop_duplicates()
 
 
-def completed(rows: pd.DataFrame, acceptance: float, cap: bool = True, mtp: bool = True
+def _keyed(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows' match keys: the catalogue model (DeepSeek-R1 and -V3 share theirs), the concurrency the
+    client ran, and each worker's GPUs (TP x attention DP, whatever the export kept of the split)."""
+    k = rows.copy()
+    k["model"] = [resolve_model(m).name for m in k["model_path"]]
+    k["conc"] = k["silicon_data_source"].str.extract(r"silicon_concurrency=(\d+)")[0].astype(float)
+    for pool in ("prefill", "decode"):
+        k[f"{pool}_gpus"] = k[f"{pool}_tp_size"] * k[f"{pool}_attention_dp_size"].fillna(1)
+    return k
+
+
+def completed(rows: pd.DataFrame, acceptance: float, cap: bool = True, mtp: bool = True, stated: bool = False
               ) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """(rows with the recipe's pools and layouts, and its decode max batch (`cap`) and MTP (`mtp`), which
-    rows were completed, whether each ran MTP) for the rows matched unambiguously."""
+    rows were completed, whether each ran MTP) for the rows matched unambiguously. `stated`: the rows state
+    their pools and layouts; they are matched on their worker counts too and keep them."""
     rows = rows.copy()
-    rows["conc"] = rows["silicon_data_source"].str.extract(r"silicon_concurrency=(\d+)")[0].astype(float)
-    m = rows.reset_index()[["index", *KEY]].merge(recipes(), on=KEY, how="inner")
+    key = KEY + (["prefill_num_workers", "decode_num_workers"] if stated else [])
+    m = _keyed(rows).reset_index()[["index", *key]].merge(recipes(), on=key, how="inner")
     agree = m.groupby("index")[FILLED].nunique().le(1).all(axis=1)
     first = m.groupby("index")[FILLED].first()[agree]
     idx = first.index
-    for pool in ("prefill", "decode"):
+    for pool in () if stated else ("prefill", "decode"):
         dp = first[f"{pool}_dp"].to_numpy()
         tp = first[f"{pool}_tp"].to_numpy()
         rows.loc[idx, f"{pool}_num_workers"] = first[f"{pool}_num_workers"].to_numpy()
@@ -98,7 +111,27 @@ def completed(rows: pd.DataFrame, acceptance: float, cap: bool = True, mtp: bool
     done = pd.Series(rows.index.isin(idx), index=rows.index)
     kind = pd.Series("", index=rows.index)
     kind[idx] = np.where(spec.to_numpy() > 0, "mtp", "none")
-    return rows.drop(columns="conc"), done, kind
+    return rows, done, kind
+
+
+def report(rows: pd.DataFrame, acceptance: float, stated: bool) -> pd.DataFrame:
+    """Errors of `rows` as exported and with each recipe column put back in turn."""
+    _, done, kind = completed(rows, acceptance, stated=stated)
+    steps = {"as exported": rows}
+    if not stated:
+        steps["+ recipe pools and attention DP"] = completed(rows, acceptance, cap=False, mtp=False)[0]
+    steps["+ decode max batch"] = completed(rows, acceptance, mtp=False, stated=stated)[0]
+    steps["+ MTP"] = completed(rows, acceptance, stated=stated)[0]
+    print(f"{len(rows)} PD rows {'with' if stated else 'without'} worker counts; {int(done.sum())} matched one "
+          f"InferenceX recipe unambiguously ({int(kind.eq('mtp').sum())} of them MTP runs)")
+    table = {}
+    for name, completed_rows in steps.items():
+        out = predict_frame(completed_rows)
+        for group, sel in (("completed: not MTP", kind.eq("none")), ("completed: MTP", kind.eq("mtp")),
+                           ("completed: all", done), ("not completed", ~done)):
+            if name == "as exported" or group != "not completed":
+                table[(name, group)] = summary(out[sel.to_numpy()])
+    return pd.DataFrame(table).T.round(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,25 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.read_csv(args.csv or fetch())
     if CALIBRATION.is_file():
         df = df[~df["id"].isin(pd.read_csv(CALIBRATION, usecols=["id"])["id"])]
-    pd_rows = df[df["mode"].eq("disagg") & df["prefill_num_workers"].isna()].reset_index(drop=True)
-    _, done, kind = completed(pd_rows, acceptance)
-    steps = {"as exported": pd_rows,
-             "+ recipe pools and attention DP": completed(pd_rows, acceptance, cap=False, mtp=False)[0],
-             "+ decode max batch": completed(pd_rows, acceptance, mtp=False)[0],
-             "+ MTP": completed(pd_rows, acceptance)[0]}
     pd.set_option("display.width", 200)
-    print(f"{len(pd_rows)} PD rows without worker counts; {int(done.sum())} matched one InferenceX recipe "
-          f"unambiguously ({int(kind.eq('mtp').sum())} MTP runs, acceptance {acceptance:.3f} per draft token); "
-          "|% error| and median signed % error")
-    table = {}
-    for name, rows in steps.items():
-        out = predict_frame(rows)
-        for group, sel in (("completed: not MTP", kind.eq("none")), ("completed: MTP", kind.eq("mtp")),
-                           ("completed: all", done), ("not completed", ~done)):
-            if name != "as exported" and group == "not completed":
-                continue
-            table[(name, group)] = summary(out[sel.to_numpy()])
-    print(pd.DataFrame(table).T.round(1).to_string())
+    print(f"MTP acceptance {acceptance:.3f} per draft token; |% error| and median signed % error\n")
+    pd_rows = df[df["mode"].eq("disagg")]
+    for stated in (False, True):
+        rows = pd_rows[pd_rows["prefill_num_workers"].notna() == stated].reset_index(drop=True)
+        print(report(rows, acceptance, stated).to_string(), end="\n\n")
     return 0
 
 
