@@ -139,6 +139,16 @@ def adp_balance_wait(ranks, rate, timeout_s):
     return np.minimum((ranks - 1) / (2 * np.maximum(rate, 1e-9)), timeout_s)
 
 
+def bulk_queue_wait(step_s, busy, full_step_s, rho, k):
+    """Mean wait of a Poisson arrival at a server that takes up to `k` waiting jobs per step (a prefill
+    worker's attention-DP rank with its batch cap): part of the step in flight, (1 - 1/k) / 2 of it once
+    steps run full (`busy` is the share of time the server steps, `step_s` its current step), plus
+    rho / (2 k (1 - rho)) full steps of queue at utilisation `rho` of its full-step capacity. Exact M/D/1
+    at k = 1; within ~10 % of a simulated bulk queue for k = 2-16 at rho 0.3-0.95."""
+    r = np.minimum(rho, 0.999)
+    return step_s * np.minimum(busy / (2 * (1 - busy)), 0.5) * (1 - 1 / k) + full_step_s * r / (2 * k * (1 - r))
+
+
 def agg_steady(pm: PerfModel, backend: str, isl, osl, conc, *, request_overhead_s: float = 0.0,
                sync: float = 0.1, sync_exps: tuple[float, ...] = (1.0, 0.0, 0.0),
                reserve_gib: float = 4.0, max_batched_tokens: int | None = None, max_num_seqs: int | None = None,
@@ -266,7 +276,9 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     def prefill_step(b):
         return pm_p.step(prefill_tokens=b * I, prefill_attn_context=b * causal_context(0, I), prefill_seqs=b)
 
-    tau_full = np.asarray(prefill_step(b_max).seconds, float) / b_max  # seconds per prompt, full batches
+    step_full = np.asarray(prefill_step(b_max).seconds, float)
+    tau_full = step_full / b_max  # seconds per prompt, full batches
+    per_rank = b_max / pm_p.attention_dp  # prompts one attention-DP rank takes per step
     if kv_link_gbps is None:
         transfer = pm_p.kv_transfer_s(I)
     else:
@@ -322,7 +334,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
         # pool's capacity is its full batches' rate (rho >= 1: the closed loop queues in front of it).
         u = np.minimum(x * step_s / (b * Wp * pp_p), 0.999)
         rho = x * tau_full / (Wp * pp_p)
-        wait = step_s * np.minimum(u / (2 * (1 - u)), 0.5)
+        wait = bulk_queue_wait(step_s, u, step_full, rho, per_rank)  # each attention-DP rank queues its own
         # The request then joins a decode instance running n sequences (`DECODE_JOIN_STEPS`).
         return admission + step_s + wait + transfer + DECODE_JOIN_STEPS * step_at(n), rho
 

@@ -99,3 +99,24 @@ def test_a_capped_decode_pool_makes_the_loop_wait_for_slots() -> None:
     out = predict_frame(pd.DataFrame([_pd(silicon_data_source="silicon_concurrency=180"),
                                       _pd(silicon_data_source="silicon_concurrency=180", decode_max_batch_size=32)]))
     assert out.loc[1, "pred_ttft_ms"] > 3 * out.loc[0, "pred_ttft_ms"]
+
+
+def _bulk_queue_sim(k: int, rho: float, n: int = 40_000, seed: int = 0) -> float:
+    """Mean wait (in steps) of Poisson arrivals at a server taking up to k waiting jobs per unit step."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / (rho * k), n))
+    t, i, waits = 0.0, 0, np.empty(n)
+    while i < n:
+        t = max(t, arrivals[i])
+        j = min(int(np.searchsorted(arrivals, t, side="right")), i + k)
+        waits[i:j] = t - arrivals[i:j]
+        t, i = t + 1.0, j
+    return float(waits[n // 10:].mean())
+
+
+@pytest.mark.parametrize("k, rho", [(1, 0.5), (1, 0.9), (2, 0.8), (4, 0.9), (8, 0.95), (16, 0.9), (8, 0.3)])
+def test_a_batch_capped_prefill_rank_queues_like_a_bulk_server(k: int, rho: float) -> None:
+    from tasks.perf_steady import bulk_queue_wait
+
+    # A server with jobs for every step (busy ~ 1) whose steps take one unit whatever they hold.
+    assert bulk_queue_wait(1.0, 0.999, 1.0, rho, k) == pytest.approx(_bulk_queue_sim(k, rho), rel=0.15)
