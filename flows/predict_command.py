@@ -1,9 +1,11 @@
 """`dolphin predict`: predicted TTFT, TPOT and output throughput for rows of a measured-runs CSV.
 
 IN has the columns of aiconfigurator's silicon_sample.csv (model_path, system, backend, precision, mode,
-isl, osl, batch_size = closed-loop concurrency, tp_size, prefill_*/decode_* for disagg rows). OUT is IN
-plus pred_ttft_ms, pred_tpot_ms, pred_output_tok_per_s (whole deployment) and pred_reason (why a row could
-not be modelled, or how a predicted row's layout was read where its columns were not taken literally).
+isl, osl, batch_size = closed-loop concurrency, tp_size, prefill_*/decode_* for disagg rows), and may add
+what those leave out: speculative decoding (spec_method, num_speculative_tokens, acceptance_rate or
+acceptance_length) and a PD decode worker's batch cap (decode_max_batch_size). OUT is IN plus pred_ttft_ms,
+pred_tpot_ms, pred_output_tok_per_s (whole deployment) and pred_reason (why a row could not be modelled, or
+how a predicted row's layout was read where its columns were not taken literally).
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict TTFT/TPOT/throughput for each row of a runs CSV")
-    p.add_argument("--rows", required=True, type=Path, help="input CSV (aiconfigurator silicon_sample columns)")
+    p = sub.add_parser("predict", help="predict TTFT/TPOT/throughput for each row of a runs CSV",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--rows", required=True, type=Path, help="input CSV (aiconfigurator silicon_sample columns, "
+                   "optionally spec_method, num_speculative_tokens, acceptance_rate|acceptance_length, "
+                   "decode_max_batch_size)")
     p.add_argument("--out", required=True, type=Path, help="output CSV: input + pred_* columns")
 
 

@@ -120,3 +120,16 @@ def test_a_batch_capped_prefill_rank_queues_like_a_bulk_server(k: int, rho: floa
 
     # A server with jobs for every step (busy ~ 1) whose steps take one unit whatever they hold.
     assert bulk_queue_wait(1.0, 0.999, 1.0, rho, k) == pytest.approx(_bulk_queue_sim(k, rho), rel=0.15)
+
+
+def test_the_predict_command_takes_speculative_rows(tmp_path) -> None:
+    from flows.cli import main
+
+    src, dst = tmp_path / "rows.csv", tmp_path / "out.csv"
+    pd.DataFrame([_row(), _row(spec_method="mtp", num_speculative_tokens=3, acceptance_length=2.5),
+                  _row(spec_method="mtp", num_speculative_tokens=3)]).to_csv(src, index=False)
+    assert main(["predict", "--rows", str(src), "--out", str(dst)]) == 0
+    out = pd.read_csv(dst, keep_default_na=False)
+    plain, mtp, unknown = (out.loc[i] for i in range(3))
+    assert float(mtp["pred_tpot_ms"]) < float(plain["pred_tpot_ms"])
+    assert unknown["pred_tpot_ms"] == "" and "acceptance" in unknown["pred_reason"]
