@@ -259,8 +259,9 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
                   prompts_per_client: float = 0.0, prefill_max_batch=None, decode_max_batch=None,
                   spec: SpecDecode = NO_SPEC) -> dict[str, np.ndarray]:
     """Prefill pool -> KV transfer -> decode pool under closed-loop concurrency `conc` (`frontend_s` and
-    `spec`, the decode pool's speculative decoding, as in `agg_steady`). `prompts_per_client` > 0 prices a finite benchmark run (every client starts at
-    once); 0 is the steady state. Worker counts of 0 size that pool to the load (SIZED_PREFILL_LOAD).
+    `spec`, the decode pool's speculative decoding, as in `agg_steady`). `prompts_per_client` > 0 prices a
+    finite benchmark run (every client starts at once); 0 is the steady state. Worker counts of 0 size that
+    pool to the load (SIZED_PREFILL_LOAD).
     `prefill_max_batch`: prompts one prefill step takes per attention-DP rank where the deployment caps it
     (a context server's max batch size); else its scheduler's token budget alone decides. `decode_max_batch`:
     sequences a decode worker runs per attention-DP rank where the deployment caps it (its max batch size,
@@ -330,8 +331,7 @@ def disagg_steady(pm_p: PerfModel, pm_d: PerfModel, backend: str, isl, osl, conc
     def ttft_at(x, n):
         b = prefill_batch(x)
         step_s = np.asarray(prefill_step(b).seconds, float)
-        # Below one prompt per step it is an M/D/1 queue; batching caps the wait at half a step. The
-        # pool's capacity is its full batches' rate (rho >= 1: the closed loop queues in front of it).
+        # The pool's capacity is its full batches' rate (rho >= 1: the closed loop queues in front of it).
         u = np.minimum(x * step_s / (b * Wp * pp_p), 0.999)
         rho = x * tau_full / (Wp * pp_p)
         wait = bulk_queue_wait(step_s, u, step_full, rho, per_rank)  # each attention-DP rank queues its own
