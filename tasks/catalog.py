@@ -54,6 +54,8 @@ class GpuSpec(_Spec):
     link_bandwidth_gbps: float = Field(gt=0, description="GPU-to-GPU bandwidth, one direction, GB/s")
     nvlink_domain_gpus: int = Field(8, ge=1, description="GPUs one NVLink domain joins: 8 in an HGX node, "
                                     "72 in a GB200/GB300 NVL72 rack; beyond it traffic takes the scale-out NIC")
+    scale_out_gbps: float = Field(50.0, gt=0, description="scale-out NIC bandwidth per GPU, one direction, GB/s "
+                                  "(400 Gb/s InfiniBand/RoCE)")
     usd_per_hour: float = Field(gt=0, description="price of one GPU-hour; override with your contract")
 
     @model_validator(mode="after")

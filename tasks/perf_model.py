@@ -29,6 +29,9 @@ MBU = 0.8
 LINK_EFFICIENCY = 0.8
 # Fixed cost of one all-reduce call (launch + synchronisation): small messages are latency-bound.
 ALLREDUCE_LATENCY_S = {"nvlink": 8e-6, "pcie": 25e-6}
+# A collective between nodes (an instance larger than its NVLink domain) crosses the NICs: NCCL's small
+# all-reduce over InfiniBand takes tens of microseconds.
+SCALE_OUT_LATENCY_S = 25e-6
 # Fixed cost of moving one request's KV between instances (connector handshake, descriptor exchange).
 KV_TRANSFER_LATENCY_S = 0.5e-3
 # Activations exchanged by all-reduce are 16-bit whatever the weight dtype.
@@ -286,12 +289,18 @@ class PerfModel:
         self._index_bytes_per_token = model.num_layers * model.index_key_bytes / attention_dp
         self._hbm_bps = gpu.hbm_bandwidth_gbps * 1e9 * p.mbu
         self._link_bps = gpu.link_bandwidth_gbps * 1e9 * p.link_eff
-        # 2 all-reduces per layer (after attention and after the MLP), ring algorithm.
+        # 2 all-reduces per layer (after attention and after the MLP), ring algorithm. An instance spanning
+        # more GPUs than one NVLink domain (DeepSeek on 16 H100s) runs its collectives through the nodes'
+        # NICs: their bandwidth and latency bound every layer's exchange.
         calls = model.num_layers + model.ffn_layers
         ring = 2 * (tp - 1) / tp
-        self._comm_s_per_token = calls * ring * model.hidden_size * ACT_BYTES / self._link_bps
+        multi_node = tp > gpu.nvlink_domain_gpus
+        collective_bps = (min(gpu.scale_out_gbps, gpu.link_bandwidth_gbps) * 1e9 * p.link_eff if multi_node
+                          else self._link_bps)
+        self._comm_s_per_token = calls * ring * model.hidden_size * ACT_BYTES / collective_bps
         # PCIe all-reduces cannot be faster than their own latency floor, whatever family file stands in.
-        latency = max(p.allreduce_latency_s, ALLREDUCE_LATENCY_S[gpu.interconnect])
+        latency = max(p.allreduce_latency_s, ALLREDUCE_LATENCY_S[gpu.interconnect],
+                      SCALE_OUT_LATENCY_S if multi_node else 0.0)
         self._comm_fixed_s = calls * latency if tp > 1 else 0.0
 
     def bound_s(self, compute_s, memory_s):

@@ -18,8 +18,6 @@ from tasks.perf_spec import SpecDecode
 from tasks.perf_steady import agg_steady, disagg_steady
 
 PRED_COLUMNS = ("pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_per_s", "pred_reason")
-# KV moves over the scale-out network once a deployment outgrows one NVLink domain (an HGX node; an NVL72 rack).
-SCALE_OUT_GBPS = 50.0  # 400 Gb/s InfiniBand/RoCE NIC per GPU
 # Measured rows come from closed-loop benchmarks of about 10 prompts per client (InferenceMAX's
 # `--num-prompts $((CONC * 10))`), whose first wave all arrives at once.
 BENCH_PROMPTS_PER_CLIENT = 10.0
@@ -123,7 +121,8 @@ def predict_resolved(rows: list[ResolvedRow | None], reasons: list[str],
                 pw = np.array([x.prefill_workers for x in sel], float)
                 dw = np.array([x.decode_workers for x in sel], float)
                 gpus = pw * r.prefill_tp * r.prefill_pp + dw * r.decode_tp * r.pp
-                link = np.where(gpus > r.gpu.nvlink_domain_gpus, SCALE_OUT_GBPS, r.gpu.link_bandwidth_gbps)
+                # KV moves over the scale-out NICs once the deployment outgrows one NVLink domain.
+                link = np.where(gpus > r.gpu.nvlink_domain_gpus, r.gpu.scale_out_gbps, r.gpu.link_bandwidth_gbps)
                 pm_p = instance_model(r, r.prefill_tp, p, r.prefill_attn_dp, r.prefill_pp, r.prefill_ep)
                 pm_d = instance_model(r, r.decode_tp, p, r.attn_dp, r.pp, r.ep)
                 out = disagg_steady(pm_p, pm_d, r.backend, isl, osl, conc, pw, dw,

@@ -84,6 +84,17 @@ def test_tensor_parallel_cuts_step_time_but_adds_communication(llama: ModelArch,
     assert tp2.seconds - tp2.overhead_s > 0.5 * (tp1.seconds - tp1.overhead_s)
 
 
+def test_an_instance_beyond_its_nvlink_domain_communicates_over_the_nics(llama: ModelArch, h100: GpuSpec) -> None:
+    # TP16 on HGX H100s spans two nodes; the same layout inside one 16-GPU NVLink domain stays on NVLink.
+    shape = dict(prefill_tokens=2048, prefill_attn_context=causal_context(0, 2048))
+    two_nodes = _pm(llama, h100, "bf16", "bf16", tp=16).step(**shape)
+    one_domain = _pm(llama, h100.model_copy(update={"nvlink_domain_gpus": 16}), "bf16", "bf16", tp=16).step(**shape)
+    eight = _pm(llama, h100, "bf16", "bf16", tp=8).step(**shape)
+    ratio = h100.link_bandwidth_gbps / h100.scale_out_gbps
+    assert two_nodes.comm_s > 0.8 * ratio * one_domain.comm_s
+    assert two_nodes.comm_s > 4 * eight.comm_s  # the NICs, not the extra ranks, make the difference
+
+
 def test_kv_transfer_scales_linearly_with_tokens(llama: ModelArch, h100: GpuSpec) -> None:
     pm = _pm(llama, h100, "bf16", "bf16")
     t = np.array([pm.kv_transfer_s(n) for n in (0, 1000, 2000, 4000)])
