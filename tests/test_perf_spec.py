@@ -133,3 +133,36 @@ def test_the_predict_command_takes_speculative_rows(tmp_path) -> None:
     plain, mtp, unknown = (out.loc[i] for i in range(3))
     assert float(mtp["pred_tpot_ms"]) < float(plain["pred_tpot_ms"])
     assert unknown["pred_tpot_ms"] == "" and "acceptance" in unknown["pred_reason"]
+
+
+def test_silicon_recipes_completes_a_row_from_the_recipe_that_ran_it() -> None:
+    """benchmarks/silicon_recipes.py reads InferenceX's recipes: drafts and generation batch from the config
+    file name, pools and attention DP from the entry, and completes only rows one recipe explains."""
+    import importlib.util
+
+    from tasks.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("silicon_recipes", REPO_ROOT / "benchmarks" / "silicon_recipes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = mod.recipes()
+    # dsr1-fp8-b200-dynamo-trt 1k1k, concurrency 1600: ctx1_gen2_dep8_batch..._mtp.. (an MTP entry only).
+    hit = rec[(rec["system"] == "b200_sxm") & (rec["precision"] == "fp8") & (rec["conc"] == 1600)
+              & (rec["isl"] == 1024) & (rec["backend"] == "trtllm")]
+    assert len(hit) == 1 and hit["spec_k"].iloc[0] >= 1 and hit["decode_dp"].iloc[0]
+    assert hit["decode_max_batch_size"].iloc[0] > 0 and hit["decode_num_workers"].iloc[0] == 2
+    row = pd.DataFrame([dict(model_path="deepseek-ai/DeepSeek-R1", system="b200_sxm", backend="trtllm",
+                             precision="fp8", mode="disagg", isl=1024, osl=1024,
+                             silicon_data_source="source_file=2026-03-25.csv; silicon_concurrency=1600",
+                             prefill_tp_size=8, prefill_attention_dp_size=1, prefill_moe_ep_size=8,
+                             decode_tp_size=8, decode_attention_dp_size=1, decode_moe_ep_size=8),
+                        dict(model_path="deepseek-ai/DeepSeek-R1", system="b200_sxm", backend="trtllm",
+                             precision="fp8", mode="disagg", isl=1024, osl=1024,
+                             silicon_data_source="source_file=2026-03-25.csv; silicon_concurrency=1601",
+                             prefill_tp_size=8, decode_tp_size=8)])
+    filled, done, kind = mod.completed(row, 0.7)
+    assert done.tolist() == [True, False] and kind.iloc[0] == "mtp"
+    assert filled.loc[0, "decode_attention_dp_size"] == 8 and filled.loc[0, "decode_tp_size"] == 1
+    assert filled.loc[0, "decode_num_workers"] == 2 and filled.loc[0, "spec_method"] == "mtp"
+    out = predict_frame(filled)
+    assert out.loc[0, "pred_reason"] == "" and out.loc[0, "pred_tpot_ms"] > 0
