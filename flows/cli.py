@@ -99,7 +99,7 @@ def _plan_spec(deploy, target):
     are free, an EAGLE-3 head is one decoder layer, a draft model in the catalogue is its own model at the
     target's TP and dtypes; one outside it is costed as free drafts, an optimistic bound the caveat states."""
     from tasks.perf_model import PerfModel
-    from tasks.perf_rows import resolve_model
+    from tasks.perf_rows import catalogue_model
     from tasks.perf_spec import NO_SPEC, SpecDecode
 
     if deploy.mode != "spec":
@@ -107,9 +107,8 @@ def _plan_spec(deploy, target):
     k, a = deploy.num_speculative_tokens, deploy.acceptance_rate
     if deploy.spec_method != "draft_model":
         return SpecDecode(k, a, deploy.spec_method, verify_tokens=deploy.num_draft_tokens), ""
-    try:
-        draft = resolve_model(deploy.draft_model)
-    except ValueError:
+    draft = catalogue_model(deploy.draft_model)
+    if draft is None:
         return SpecDecode(k, a, "ngram"), f"draft model {deploy.draft_model} not in the catalogue: its cost left out"
     return SpecDecode(k, a, "draft_model", PerfModel(draft, target.gpu, target.weights_dtype, target.kv_dtype,
                                                      tp=target.tp, params=target.params),

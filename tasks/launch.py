@@ -197,6 +197,7 @@ def wait_until_ready(proc: ManagedProcess, timeout_s: float) -> str:
 
 def launch_sim(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> EngineHandle:
     from tasks.engines.sim_server import SimSpec
+    from tasks.perf_rows import catalogue_model
 
     plan, deploy = choice.plan, cfg.deploy
     spec = SimSpec(
@@ -212,6 +213,8 @@ def launch_sim(cfg: DolphinConfig, choice: QuantChoice, run_dir: Path) -> Engine
         decode_tp=deploy.decode.tp,
         num_speculative_tokens=deploy.num_speculative_tokens,
         acceptance_rate=deploy.acceptance_rate,
+        spec_method=deploy.spec_method or "ngram",
+        draft=catalogue_model(deploy.draft_model),
         kv_capacity_tokens=plan.kv_capacity_tokens,
         block_size=plan.knobs.block_size,
         max_num_seqs=plan.knobs.max_num_seqs,

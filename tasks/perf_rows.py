@@ -113,6 +113,15 @@ def resolve_model(model_path: str) -> ModelArch:
     raise ValueError(f"model {model_path!r} is not in the catalogue (conf/model)")
 
 
+def catalogue_model(model_path: str | None) -> ModelArch | None:
+    """`resolve_model`, or None when no model is named or the catalogue lacks it (a speculative draft model,
+    say, whose cost is then left out)."""
+    try:
+        return resolve_model(model_path) if model_path else None
+    except ValueError:
+        return None
+
+
 @lru_cache(maxsize=64)
 def resolve_gpu(system: str) -> GpuSpec:
     key = _norm(system)

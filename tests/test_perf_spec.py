@@ -166,3 +166,23 @@ def test_silicon_recipes_completes_a_row_from_the_recipe_that_ran_it() -> None:
     assert filled.loc[0, "decode_num_workers"] == 2 and filled.loc[0, "spec_method"] == "mtp"
     out = predict_frame(filled)
     assert out.loc[0, "pred_reason"] == "" and out.loc[0, "pred_tpot_ms"] > 0
+
+
+def test_the_sim_engine_costs_drafts_as_the_model_does(tmp_path) -> None:
+    from tasks.catalog import load_gpu, load_model
+    from tasks.engines.sim_spec import SimSpec
+    from tasks.perf_spec import drafts
+
+    base = dict(model=load_model("llama-3.1-8b"), gpu=load_gpu("h100"), kv_capacity_tokens=200_000,
+                max_model_len=4096, served_model_name="sim", mode="spec", num_speculative_tokens=3,
+                acceptance_rate=0.7)
+    specs = {m: SimSpec(**base, spec_method=m) for m in ("ngram", "eagle3")}
+    specs["draft_model"] = SimSpec(**base, spec_method="draft_model", draft=load_model("llama-3.2-1b"))
+    pm = specs["ngram"].perf_model()
+    cost = {m: drafts(pm, 8, 8 * 1500, s.spec_decode(pm)) for m, s in specs.items()}
+    assert cost["ngram"] is None
+    assert 0 < cost["eagle3"].seconds < cost["draft_model"].seconds  # a layer per draft < a 1B model's step
+    # The spec (draft architecture included) survives the JSON file the server reads.
+    again = SimSpec.model_validate_json(specs["draft_model"].write(tmp_path / "spec.json").read_text())
+    assert again.spec_decode(pm).draft.model.name == "llama-3.2-1b"
+    assert SimSpec(**{**base, "mode": "agg"}).spec_decode(pm).k == 0

@@ -17,6 +17,7 @@ import numpy as np
 from tasks.engines.sim_clock import EngineClock
 from tasks.engines.sim_metrics import Metrics
 from tasks.engines.sim_spec import SimSpec
+from tasks.perf_spec import drafts
 from tasks.perf_model import PerfModel, causal_context
 
 Role = Literal["mixed", "prefill", "decode"]
@@ -81,6 +82,7 @@ class Instance:
         self.clock, self.metrics, self.hand_off = clock, metrics, hand_off
         self.k = spec.num_speculative_tokens if spec.mode == "spec" else 0
         self.alpha = spec.acceptance_rate
+        self.spec = spec.spec_decode(perf)  # what proposing the drafts costs a step
         self.block_size, self.max_seqs = spec.block_size, spec.max_num_seqs
         self.budget = spec.max_num_batched_tokens
         self.total_blocks = self.free_blocks = spec.kv_capacity_tokens // spec.block_size
@@ -241,6 +243,12 @@ class Instance:
             m.e2e.observe(now - req.arrival)
             m.success.inc()
 
+    def _drafting_s(self, cost_args) -> float:
+        """Seconds the step's decoding sequences spend proposing their drafts (0 without speculation)."""
+        _, _, d_seqs, d_ctx, _, _ = cost_args
+        cost = drafts(self.perf, d_seqs, d_ctx, self.spec) if d_seqs else None
+        return 0.0 if cost is None else float(cost.seconds)
+
     async def run(self) -> None:
         clock = self.clock
         while True:
@@ -250,7 +258,7 @@ class Instance:
                 await self.wake.wait()
                 self.step_end = max(self.step_end, clock.now())
                 continue
-            self.step_end += float(self.perf.step(*cost_args).seconds)
+            self.step_end += float(self.perf.step(*cost_args).seconds) + self._drafting_s(cost_args)
             await clock.sleep_until(self.step_end)
             self.metrics.note_lag(clock.now() - self.step_end)
             self.apply(sched)

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.catalog import DTYPE_BYTES, GpuSpec, ModelArch
 from tasks.perf_model import PerfModel
+from tasks.perf_spec import NO_SPEC, SpecDecode
 
 # The sim engine schedules as vLLM does (chunked prefill mixed with decodes), so it plays vLLM's costs.
 SIM_BACKEND = "vllm"
@@ -34,6 +35,10 @@ class SimSpec(BaseModel):
     decode_tp: int = Field(1, ge=1)
     num_speculative_tokens: int = Field(0, ge=0)
     acceptance_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    # How drafts are proposed, as the performance model costs them (`tasks/perf_spec.py`): n-gram lookup is
+    # free, an EAGLE-3 head one decoder layer per draft token, a separate draft model (`draft`) its own steps.
+    spec_method: Literal["ngram", "eagle3", "draft_model"] = "ngram"
+    draft: ModelArch | None = None
     kv_capacity_tokens: int = Field(gt=0)
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(256, ge=1)
@@ -68,6 +73,18 @@ class SimSpec(BaseModel):
         if self.kv_capacity_tokens < self.block_size:
             raise ValueError("kv_capacity_tokens must hold at least one block")
         return self
+
+    def spec_decode(self, target: PerfModel) -> SpecDecode:
+        """The speculative decoding `target` runs (none outside mode=spec): a draft model outside the catalogue
+        (`draft` unset) is costed as free drafts."""
+        if self.mode != "spec":
+            return NO_SPEC
+        if self.spec_method == "draft_model" and self.draft is not None:
+            draft = PerfModel(self.draft, self.gpu, self.weights_dtype, self.kv_dtype, target.tp,
+                              self.step_overhead_ms / 1e3, backend=SIM_BACKEND)
+            return SpecDecode(self.num_speculative_tokens, self.acceptance_rate, "draft_model", draft)
+        method = "ngram" if self.spec_method == "draft_model" else self.spec_method
+        return SpecDecode(self.num_speculative_tokens, self.acceptance_rate, method)
 
     def perf_model(self, tp: int | None = None) -> PerfModel:
         """The step-cost model of one instance at `tp` (default: the aggregated `tp`), with the calibrated
