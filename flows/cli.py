@@ -86,7 +86,7 @@ def _predict_plan(cfg, choice, plan, profile, qps: float):
     if deploy.mode == "pd":
         return predict_disagg(perf(deploy.prefill.tp), perf(deploy.decode.tp), backend, qps, mean_in, mean_out,
                               deploy.prefill.instances, deploy.decode.instances)
-    spec, caveat = _plan_spec(deploy, perf(plan.tp))
+    spec, caveat = _plan_spec(deploy, perf(plan.tp), overhead, backend)
     out = predict_agg(perf(plan.tp), backend, qps, mean_in, mean_out,
                       max_num_batched_tokens=plan.knobs.max_num_batched_tokens, max_num_seqs=plan.knobs.max_num_seqs,
                       kv_capacity_tokens=plan.kv_capacity_tokens, replicas=deploy.replicas, spec=spec)
@@ -94,25 +94,14 @@ def _predict_plan(cfg, choice, plan, profile, qps: float):
     return out
 
 
-def _plan_spec(deploy, target):
-    """(the deployment's speculative decoding as the performance model costs it, a caveat): n-gram drafts
-    are free, an EAGLE-3 head is one decoder layer, a draft model in the catalogue is its own model at the
-    target's TP and dtypes; one outside it is costed as free drafts, an optimistic bound the caveat states."""
-    from tasks.perf_model import PerfModel
+def _plan_spec(deploy, target, step_overhead_s: float, backend: str):
+    """(the deployment's speculative decoding as the performance model costs it, a caveat)."""
     from tasks.perf_rows import catalogue_model
-    from tasks.perf_spec import NO_SPEC, SpecDecode
+    from tasks.perf_spec import speculation
 
-    if deploy.mode != "spec":
-        return NO_SPEC, ""
-    k, a = deploy.num_speculative_tokens, deploy.acceptance_rate
-    if deploy.spec_method != "draft_model":
-        return SpecDecode(k, a, deploy.spec_method, verify_tokens=deploy.num_draft_tokens), ""
-    draft = catalogue_model(deploy.draft_model)
-    if draft is None:
-        return SpecDecode(k, a, "ngram"), f"draft model {deploy.draft_model} not in the catalogue: its cost left out"
-    return SpecDecode(k, a, "draft_model", PerfModel(draft, target.gpu, target.weights_dtype, target.kv_dtype,
-                                                     tp=target.tp, params=target.params),
-                      verify_tokens=deploy.num_draft_tokens), ""
+    return speculation(deploy.spec_method if deploy.mode == "spec" else None, deploy.num_speculative_tokens,
+                       deploy.acceptance_rate, target, catalogue_model(deploy.draft_model),
+                       step_overhead_s, backend=backend, verify_tokens=deploy.num_draft_tokens)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

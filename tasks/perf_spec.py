@@ -62,6 +62,24 @@ class SpecDecode:
 NO_SPEC = SpecDecode()
 
 
+def speculation(method: str | None, k: int, acceptance: float, target: PerfModel, draft_arch=None,
+                step_overhead_s: float = 0.0, backend: str | None = None,
+                verify_tokens: int | None = None) -> tuple[SpecDecode, str]:
+    """(the `SpecDecode` a deployment's settings describe, a caveat). A draft model runs at the target's
+    GPUs, TP and dtypes with the engine's `step_overhead_s`; one outside the catalogue (`draft_arch` None)
+    is costed as free drafts, an optimistic bound the caveat states. No method or k < 1: none."""
+    if not method or k < 1:
+        return NO_SPEC, ""
+    if method != "draft_model":
+        return SpecDecode(k, acceptance, method, verify_tokens=verify_tokens), ""
+    if draft_arch is None:
+        return (SpecDecode(k, acceptance, "ngram", verify_tokens=verify_tokens),
+                "draft model not in the catalogue: its cost left out")
+    draft = PerfModel(draft_arch, target.gpu, target.weights_dtype, target.kv_dtype, tp=target.tp,
+                      step_overhead_s=step_overhead_s, params=target.params, backend=backend)
+    return SpecDecode(k, acceptance, "draft_model", draft, verify_tokens=verify_tokens), ""
+
+
 def _add(a: StepCost, b: StepCost, times=1.0) -> StepCost:
     return StepCost(a.seconds + times * b.seconds, a.compute_s + times * b.compute_s, a.memory_s + times * b.memory_s,
                     a.comm_s + times * b.comm_s, a.overhead_s + times * b.overhead_s)

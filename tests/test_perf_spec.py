@@ -186,3 +186,18 @@ def test_the_sim_engine_costs_drafts_as_the_model_does(tmp_path) -> None:
     again = SimSpec.model_validate_json(specs["draft_model"].write(tmp_path / "spec.json").read_text())
     assert again.spec_decode(pm).draft.model.name == "llama-3.2-1b"
     assert SimSpec(**{**base, "mode": "agg"}).spec_decode(pm).k == 0
+
+
+def test_speculation_builds_what_a_deployment_describes() -> None:
+    from tasks.catalog import load_gpu, load_model
+    from tasks.perf_model import PerfModel
+    from tasks.perf_spec import speculation
+
+    target = PerfModel(load_model("llama-3.1-8b"), load_gpu("h100"), "bf16", "bf16", tp=2)
+    assert speculation(None, 3, 0.7, target)[0].k == 0 and speculation("eagle3", 0, 0.7, target)[0].k == 0
+    head, note = speculation("eagle3", 3, 0.7, target, verify_tokens=16)
+    assert (head.method, head.verify_tokens, note) == ("eagle3", 16, "")
+    small, note = speculation("draft_model", 3, 0.7, target, load_model("llama-3.2-1b"), 0.002, backend="vllm")
+    assert note == "" and small.draft.tp == 2 and small.draft.model.name == "llama-3.2-1b"
+    unknown, note = speculation("draft_model", 3, 0.7, target, None)
+    assert unknown.method == "ngram" and "not in the catalogue" in note

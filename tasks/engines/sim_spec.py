@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.catalog import DTYPE_BYTES, GpuSpec, ModelArch
 from tasks.perf_model import PerfModel
-from tasks.perf_spec import NO_SPEC, SpecDecode
+from tasks.perf_spec import SpecDecode, speculation
 
 # The sim engine schedules as vLLM does (chunked prefill mixed with decodes), so it plays vLLM's costs.
 SIM_BACKEND = "vllm"
@@ -75,16 +75,11 @@ class SimSpec(BaseModel):
         return self
 
     def spec_decode(self, target: PerfModel) -> SpecDecode:
-        """The speculative decoding `target` runs (none outside mode=spec): a draft model outside the catalogue
-        (`draft` unset) is costed as free drafts."""
-        if self.mode != "spec":
-            return NO_SPEC
-        if self.spec_method == "draft_model" and self.draft is not None:
-            draft = PerfModel(self.draft, self.gpu, self.weights_dtype, self.kv_dtype, target.tp,
-                              self.step_overhead_ms / 1e3, backend=SIM_BACKEND)
-            return SpecDecode(self.num_speculative_tokens, self.acceptance_rate, "draft_model", draft)
-        method = "ngram" if self.spec_method == "draft_model" else self.spec_method
-        return SpecDecode(self.num_speculative_tokens, self.acceptance_rate, method)
+        """The speculative decoding `target` runs (none outside mode=spec; `perf_spec.speculation`)."""
+        spec, _ = speculation(self.spec_method if self.mode == "spec" else None, self.num_speculative_tokens,
+                              self.acceptance_rate, target, self.draft, self.step_overhead_ms / 1e3,
+                              backend=SIM_BACKEND)
+        return spec
 
     def perf_model(self, tp: int | None = None) -> PerfModel:
         """The step-cost model of one instance at `tp` (default: the aggregated `tp`), with the calibrated
